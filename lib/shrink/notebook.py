@@ -36,8 +36,12 @@ def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
     check_scale(scale)
     seed_everything(seed)
     plotting.use_style()
-    if env.headless():
+    if env.headless():  # no progress bars in papermill/Make/pytest logs
         os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     if os.environ.get("SHRINK_THREADS"):
         torch.set_num_threads(int(os.environ["SHRINK_THREADS"]))
     if scale == "tiny":

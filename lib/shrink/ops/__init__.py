@@ -1,0 +1,229 @@
+"""``shrink.ops``: the kernel façade. One function per op; each dispatches to the compiled CUDA kernel when
+that is loaded and the tensors are on a CUDA device, and to the pure-PyTorch reference otherwise.
+
+Ops (specs, shapes, dtypes and paper equations in :mod:`shrink.ops.reference`):
+
+=================================== =========================================================== ==========
+op                                  what                                                        chapter
+=================================== =========================================================== ==========
+quantize_per_tensor_static_int8     K1: ``int8 = clamp(round(x / s), -128, 127)``               bits
+fake_quant_per_tensor               static affine fake quant on a ``bits``-bit grid              bits
+fake_quant_per_token                dynamic per-token (sym/asym) fake quant                      bits
+int8_matmul_dequant                 K2: W8A8 GEMM, int32 accumulation, dequant epilogue          bits
+gather_tokens                       K3: ``out[b, k] = h[b, keep_idx[b, k]]``                     tokens
+nm_prune_mask                       N:M keep-mask (n largest scores per m columns)               weights
+=================================== =========================================================== ==========
+
+Backends (``backend(op, device)`` tells which one a call takes; ``last_backend(op)`` which one it took):
+
+- ``"cuda"``: the compiled kernels of ``kernels/csrc`` (``torch.ops.shrink.*``), for CUDA tensors once
+  :func:`load_cuda` succeeded (it runs at import on CUDA machines; it only loads a prebuilt library unless
+  ``SHRINK_KERNELS_BUILD=1``). They match the reference exactly (tested on GPU machines).
+- ``"cpu_int_mm"``: ``int8_matmul_dequant`` on CPU uses ``torch._int_mm`` (exact int32, AMX/VNNI) for
+  the accumulation and the reference epilogue: bit-identical to the reference, only faster.
+- ``"reference"``: :mod:`shrink.ops.reference`, on any device.
+
+``SHRINK_OPS_BACKEND=reference`` (or ``with shrink.ops.reference_only():``) forces the reference.
+No backend ever changes a result: a backend that cannot reproduce the reference is not used.
+Bad input raises :class:`OpInputError` (a ``ShrinkError``) on every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from . import _library, cuda, reference
+from .reference import MAX_INT8_K, OpInputError, signed_range, unsigned_range
+
+__all__ = [
+    "quantize_per_tensor_static_int8",
+    "fake_quant_per_tensor",
+    "fake_quant_per_token",
+    "quantize_per_token",
+    "int8_matmul_dequant",
+    "gather_tokens",
+    "nm_prune_mask",
+    "backend",
+    "last_backend",
+    "reference_only",
+    "load_cuda",
+    "cuda_status",
+    "OpInputError",
+    "OP_NAMES",
+    "MAX_INT8_K",
+    "reference",
+    "signed_range",
+    "unsigned_range",
+]
+
+OP_NAMES = _library.OP_NAMES
+BACKENDS = ("cuda", "cpu_int_mm", "reference")
+
+_library.define()
+_state = threading.local()
+_LAST: dict[str, str] = {}
+_INT_MM_CPU: bool | None = None
+
+
+def load_cuda(build_if_missing: bool | None = None) -> dict:
+    """Try to load the compiled CUDA kernels (never raises); returns :func:`cuda_status`."""
+    cuda.load(build_if_missing)
+    return cuda_status()
+
+
+def cuda_status() -> dict:
+    """``{"loaded": bool, "path": str | None, "reason": str}`` of the CUDA extension."""
+    return cuda.STATUS.to_dict()
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within the block, every op runs the reference (e.g. to compare a kernel against its spec)."""
+    prev = getattr(_state, "force_ref", False)
+    _state.force_ref = True
+    try:
+        yield
+    finally:
+        _state.force_ref = prev
+
+
+def _forced_reference() -> bool:
+    return getattr(_state, "force_ref", False) or os.environ.get("SHRINK_OPS_BACKEND", "auto") == "reference"
+
+
+def _int_mm_cpu_ok() -> bool:
+    """Whether ``torch._int_mm`` runs on CPU here and is exact on a probe (checked once)."""
+    global _INT_MM_CPU
+    if _INT_MM_CPU is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            a = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=g)
+            b = torch.randint(-128, 128, (7, 40), dtype=torch.int8, generator=g)
+            _INT_MM_CPU = bool(torch.equal(torch._int_mm(a, b.t()), reference.int32_accumulate(a, b)))
+        except Exception:  # older torch, or a CPU without the kernel
+            _INT_MM_CPU = False
+    return _INT_MM_CPU
+
+
+def backend(op_name: str, device: str | torch.device = "cpu") -> str:
+    """The backend that ``shrink.ops.<op_name>`` takes for tensors on ``device``: one of :data:`BACKENDS`."""
+    if op_name not in OP_NAMES:
+        raise OpInputError(f"unknown op {op_name!r}; ops are {', '.join(OP_NAMES)}")
+    dev = torch.device(device)
+    if _forced_reference():
+        return "reference"
+    if dev.type == "cuda" and cuda.STATUS.loaded:
+        return "cuda"
+    if dev.type == "cpu" and op_name == "int8_matmul_dequant" and _int_mm_cpu_ok():
+        return "cpu_int_mm"
+    return "reference"
+
+
+def last_backend(op_name: str) -> str | None:
+    """The backend the most recent call of ``op_name`` in this process took (None before the first call)."""
+    return _LAST.get(op_name)
+
+
+def _take(op_name: str, device: torch.device) -> str:
+    b = backend(op_name, device)
+    _LAST[op_name] = b
+    return b
+
+
+# ------------------------------------------------------------------------------------------------ ops
+def quantize_per_tensor_static_int8(x: torch.Tensor, scale) -> torch.Tensor:
+    """K1, static per-tensor INT8: ``clamp(round(float32(x) / scale), -128, 127)`` -> int8, x's shape.
+
+    See :func:`shrink.ops.reference.quantize_per_tensor_static_int8` (SmoothQuant Eq. (1), O3 setting).
+    """
+    reference._check_float(x, "x")
+    if _take("quantize_per_tensor_static_int8", x.device) == "cuda":
+        reference._check_finite(x, "x")
+        s = float(reference._scale_f32(scale))
+        return _library.op("quantize_per_tensor_static_int8")(x, s)
+    return reference.quantize_per_tensor_static_int8(x, scale)
+
+
+def fake_quant_per_tensor(x: torch.Tensor, scale, zero_point: int = 0, bits: int = 8,
+                          signed: bool = True) -> torch.Tensor:
+    """Static affine fake quant: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` in float32, x's dtype.
+
+    Grid ``[-2**(bits-1), 2**(bits-1)-1]`` (signed) or ``[0, 2**bits-1]``. See
+    :func:`shrink.ops.reference.fake_quant_per_tensor` (Jacob et al. 2018 Eq. (1); PrefixQuant static).
+    """
+    reference._check_float(x, "x")
+    if _take("fake_quant_per_tensor", x.device) == "cuda":
+        bits = reference._check_bits(bits)
+        qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
+        if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not qmin <= zero_point <= qmax:
+            raise OpInputError(f"zero_point must be an int in [{qmin}, {qmax}], got {zero_point!r}")
+        reference._check_finite(x, "x")
+        s = float(reference._scale_f32(scale))
+        return _library.op("fake_quant_per_tensor")(x, s, zero_point, qmin, qmax)
+    return reference.fake_quant_per_tensor(x, scale, zero_point, bits, signed)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = True) -> torch.Tensor:
+    """Dynamic per-token fake quant over the last dim (symmetric abs-max or asymmetric min-max), x's dtype.
+
+    See :func:`shrink.ops.reference.fake_quant_per_token` (SmoothQuant O1, PrefixQuant Table 4).
+    """
+    reference._check_float(x, "x")
+    if _take("fake_quant_per_token", x.device) == "cuda":
+        bits = reference._check_bits(bits)
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise OpInputError(f"x must have a non-empty last (feature) dimension, got shape {tuple(x.shape)}")
+        reference._check_finite(x, "x")
+        return _library.op("fake_quant_per_token")(x, bits, bool(symmetric))
+    return reference.fake_quant_per_token(x, bits, symmetric)
+
+
+quantize_per_token = reference.quantize_per_token
+
+
+def int8_matmul_dequant(x_q: torch.Tensor, w_q: torch.Tensor, s_x, s_w) -> torch.Tensor:
+    """K2, W8A8 GEMM + dequant: float32 ``[M, N] = (float32(x_q @ w_qᵀ in int32) * s_x[m]) * s_w[n]``.
+
+    ``x_q`` int8 ``[M, K]``, ``w_q`` int8 ``[N, K]``, ``s_x`` scalar or ``[M]``, ``s_w`` scalar or ``[N]``.
+    See :func:`shrink.ops.reference.int8_matmul_dequant` (SmoothQuant Sec. 2).
+    """
+    reference._check_int8_mm(x_q, w_q)
+    sx = reference._as_scale_vector(s_x, x_q.shape[0], "s_x", x_q.device)
+    sw = reference._as_scale_vector(s_w, w_q.shape[0], "s_w", x_q.device)
+    b = _take("int8_matmul_dequant", x_q.device)
+    if b == "cuda":
+        return _library.op("int8_matmul_dequant")(x_q, w_q, sx, sw)
+    if b == "cpu_int_mm":
+        return reference.dequant_epilogue(torch._int_mm(x_q, w_q.t()), sx, sw)
+    return reference.int8_matmul_dequant(x_q, w_q, sx, sw)
+
+
+def gather_tokens(h: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """K3, token compaction: ``[B, T, ...] -> [B, K, ...]``, ``out[b, k] = h[b, keep_idx[b, k]]`` (exact).
+
+    See :func:`shrink.ops.reference.gather_tokens` (FastV / ToMe / DivPrune keep step).
+    """
+    reference._check_gather(h, keep_idx)
+    if _take("gather_tokens", h.device) == "cuda":
+        return _library.op("gather_tokens")(h, keep_idx)
+    return reference.gather_tokens(h, keep_idx)
+
+
+def nm_prune_mask(w: torch.Tensor, scores: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask, bool ``[R, C]``: the ``n`` largest ``scores`` of every ``m`` consecutive columns per row
+    (ties: lower column index kept; ``scores=None`` means ``|w|``).
+
+    See :func:`shrink.ops.reference.nm_prune_mask` (SparseGPT / Wanda N:M, 2:4 = n=2, m=4).
+    """
+    s = reference._check_nm(w, scores, n, m)
+    if _take("nm_prune_mask", w.device) == "cuda":
+        return _library.op("nm_prune_mask")(s, n, m)
+    return reference.nm_prune_mask(w, s, n, m)
+
+
+if torch.cuda.is_available():  # best effort; a CPU machine never gets here
+    cuda.load()

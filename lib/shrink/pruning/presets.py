@@ -1,0 +1,114 @@
+"""Presets of the weights chapter (notebooks/01-weights), one per experiment and scale.
+
+``paper`` follows "Rethinking Pruning LLMs" App. A and the official configs: C4 shard 0, 256 x 1024-token
+calibration windows, seed 0, AdamW lr 2e-4 (linear decay), betas (0.9, 0.95), batch 8, **10 epochs** (the paper;
+the official LLaMA config says 5), evaluation at 2048 tokens on all of WikiText-2 test; OPT-125M (Table 3)
+and LLaMA-7B (Table 1). ``cpu``: SmolLM2-135M with the offline WikiText-2 validation text as calibration
+data and the raw test split held out, budgets sized for a shared 2-core CPU (stated in each notebook).
+``tiny``: random tiny models, invariants only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..scales import Preset, PresetError, register
+from .sequential import PRUNERS, SCHEMES
+
+
+@dataclass(frozen=True)
+class PruningPreset(Preset):
+    """Knobs of the chapter's experiments (unused knobs are ignored by a notebook)."""
+
+    calib_corpus: str = "wikitext2"
+    calib_split: str = "validation"
+    calib_nsamples: int = 16
+    calib_seqlen: int = 256
+    heldout_corpus: str = "wikitext2"
+    heldout_split: str = "test"
+    heldout_nsamples: int = 8           # windows for the held-out reconstruction error
+    heldout_seqlen: int = 256
+    eval_seqlen: int = 512              # perplexity windows (the one perplexity function)
+    eval_windows: int | None = 8
+    eval2_corpus: str | None = "pydocs"  # second held-out corpus for perplexity
+    eval2_split: str = "all"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    pruners: tuple = PRUNERS
+    schemes: tuple = SCHEMES
+    patterns: tuple = ("unstructured", "2:4", "4:8")
+    sweep_sparsities: tuple = (0.3, 0.5, 0.7)
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 2e-4
+    seeds: tuple = (0,)
+    # overfitting (01c): (calibration windows, epochs) pairs, and a batch size for them
+    budgets: tuple = ((4, 20), (16, 5))
+    budget_batch_size: int = 1
+    # self-generated data (01d)
+    selfgen_nsamples: tuple = (0, 16, 32)
+    selfgen_seqlen: int = 256
+    zero_shot: bool = False
+
+    def check(self) -> None:
+        bad = [p for p in self.pruners if p not in PRUNERS] + [s for s in self.schemes if s not in SCHEMES]
+        if bad:
+            raise PresetError(f"unknown pruners/schemes {bad}; pruners {PRUNERS}, schemes {SCHEMES}")
+        if self.lr <= 0 or not self.seeds:
+            raise PresetError("lr must be > 0 and seeds non-empty")
+
+
+_TINY = dict(model="tiny-llama", calib_corpus="shakespeare", calib_split="all", calib_nsamples=8, calib_seqlen=64,
+             heldout_corpus="fortunes", heldout_split="all", heldout_nsamples=4, heldout_seqlen=64,
+             eval_seqlen=64, eval_windows=4, eval2_corpus=None, epochs=2, batch_size=2, lr=1e-3, seeds=(0,),
+             budgets=((2, 4), (8, 1)), budget_batch_size=1, selfgen_nsamples=(0, 4), selfgen_seqlen=64)
+_PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="train", calib_nsamples=256,
+                  calib_seqlen=1024, heldout_corpus="wikitext2", heldout_split="test", heldout_nsamples=64,
+                  heldout_seqlen=1024, eval_seqlen=2048, eval_windows=None, eval2_corpus="c4",
+                  eval2_split="validation", epochs=10, batch_size=8, lr=2e-4, seeds=(0,), zero_shot=True,
+                  budgets=((32, 80), (256, 10)), budget_batch_size=8, selfgen_nsamples=(0, 256, 512, 1024),
+                  selfgen_seqlen=1024)
+
+# 01a: LR baselines (Tables 1/3 LR rows; SparseGPT/Wanda tables' layout)
+register("pruning-baselines", {
+    "tiny": PruningPreset(**_TINY),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=16, calib_seqlen=256, eval_windows=8,
+                         eval2_corpus="pydocs", seeds=(0,)),
+    "paper": PruningPreset(**_PAPER_OPT),
+})
+
+# 01b: LR -> BR -> BR+GP -> BR+GP+CR (Tables 1/3, Fig. 3/5/6)
+register("pruning-reconstruction", {
+    "tiny": PruningPreset(**_TINY),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, heldout_nsamples=8,
+                         eval_windows=4, eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, seeds=(0, 1, 2),
+                         schemes=("LR", "BR", "BR+GP")),
+    "paper": PruningPreset(**_PAPER_OPT),
+})
+
+# 01c: overfitting (Tables 2/4) -- calibration vs held-out error under budgets
+register("pruning-overfitting", {
+    "tiny": PruningPreset(**_TINY),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=16, calib_seqlen=256, eval_windows=4,
+                         eval2_corpus=None, batch_size=2, lr=1e-3, pruners=("wanda",),
+                         budgets=((4, 16), (16, 4)), budget_batch_size=1, seeds=(0,)),
+    "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
+})
+
+# 01d: self-generated calibration data (Fig. 1b/4/7, App. C)
+register("pruning-selfgen", {
+    "tiny": PruningPreset(**_TINY),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
+                         eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, pruners=("wanda",),
+                         selfgen_nsamples=(0, 16), selfgen_seqlen=256, seeds=(0,)),
+    "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
+})
+
+# 01e: attention-only vs FFN-only vs all (Table 7), time/memory per scheme (Table 6)
+register("pruning-where", {
+    "tiny": PruningPreset(**_TINY),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
+                         eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, pruners=("sparsegpt",),
+                         schemes=("LR", "BR+GP"), seeds=(0,)),
+    "paper": PruningPreset(**_PAPER_OPT),
+})

@@ -1,0 +1,375 @@
+"""The sequential pruning loop over decoder blocks with two activation streams.
+
+"Rethinking Pruning LLMs" (Shin et al., EMNLP 2024), Sec. 3 and the official ``prune_model``; SparseGPT's
+``opt_sequential`` and Wanda's ``prune_wanda`` for the LR part. Per unit (one block; two consecutive
+blocks for CR):
+
+1. **statistics**: the still-dense block runs on the *sparse stream* ``x_i`` (output of the already pruned
+   blocks) over the first ``N`` calibration sequences; forward hooks accumulate Wanda's ``||X_j||^2`` or
+   SparseGPT's Hessian once per group of linears sharing an input (:mod:`shrink.pruning.stats`). The same
+   forward gives the BR target ``g_i(w_bar_i; x_i)`` (Eq. 2). Extra sequences (self-generated data) never
+   enter the statistics, only the reconstruction loss (as in the official code);
+2. the **dense stream** ``x_bar_{i+1} = g_i(w_bar_i; x_bar_i)`` is advanced before the block is pruned (or read
+   from a cache of the dense model's activations, :func:`dense_streams`): the GP target;
+3. **prune** every selected linear (magnitude / Wanda / SparseGPT; unstructured or N:M); masks are
+   explicit bool tensors (:class:`~shrink.pruning.masks.MaskSet`);
+4. **reconstruct** (BR, BR+GP, BR+GP+CR) with the mask fixed (:mod:`shrink.pruning.reconstruct`);
+5. advance the sparse stream through the pruned block and log the normalised error (App. A) against the
+   dense stream on the calibration sequences and on held-out sequences.
+
+CR windows follow the official code: ``[0], [0,1], [1,2], ..., [L-2,L-1], [L-1]`` — every block is optimised
+twice. Deviation (documented, not a parameter): a block keeps the mask it got when it was first pruned; the
+official code re-runs the pruner on the whole window (identical masks for Wanda/magnitude; for SparseGPT it
+re-solves OBS on already-zero weights). CR is implemented with GP targets (the paper's BR+GP+CR).
+
+Activation buffers live on ``act_device`` (default CPU) and move to the model's device batch by batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import BlockRunner
+from .magnitude import magnitude_mask
+from .masks import MaskSet, Pattern, PruningError, check_mask, parse_pattern
+from .metrics import block_error
+from .reconstruct import ReconConfig, reconstruct
+from .sparsegpt import sparsegpt_prune
+from .stats import StatsCollector
+from .wanda import wanda_mask
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+SCHEMES = ("LR", "BR", "BR+GP", "BR+GP+CR")
+TARGETS = ("all", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune and how (one cell of the paper's Tables 1/3/7).
+
+    Attributes:
+        pruner: ``magnitude`` | ``wanda`` | ``sparsegpt``.
+        sparsity: fraction pruned for ``pattern="unstructured"`` (N:M fixes it to N/M).
+        pattern: ``unstructured`` | ``"2:4"`` | ``"4:8"``.
+        scheme: ``LR`` | ``BR`` | ``BR+GP`` | ``BR+GP+CR``.
+        targets: which linears of each block: ``all`` | ``attn`` (names containing "attn") | ``mlp`` (the rest).
+        blocksize, percdamp: SparseGPT's block width (128) and damping (0.01).
+        batch: sequences per no-grad forward (memory knob; results do not depend on it).
+        recon: :class:`ReconConfig` (ignored for LR).
+    """
+
+    pruner: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    scheme: str = "LR"
+    targets: str = "all"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    batch: int = 8
+    recon: ReconConfig = field(default_factory=ReconConfig)
+
+    def check(self) -> "PruneSpec":
+        if self.pruner not in PRUNERS:
+            raise PruningError(f"unknown pruner {self.pruner!r}; use one of {PRUNERS}")
+        if self.scheme not in SCHEMES:
+            raise PruningError(f"unknown scheme {self.scheme!r}; use one of {SCHEMES}")
+        if self.targets not in TARGETS:
+            raise PruningError(f"unknown targets {self.targets!r}; use one of {TARGETS}")
+        parse_pattern(self.pattern, self.sparsity)
+        self.recon.check()
+        return self
+
+    @property
+    def pat(self) -> Pattern:
+        return parse_pattern(self.pattern, self.sparsity)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` returns.
+
+    ``blocks``: one dict per block (``block``, ``err_calib``, ``rel_calib``, ``tok0_calib``, and with held-out
+    data ``err_test``, ``rel_test``, ``tok0_test``); ``final`` = the last block's dict; ``times`` in seconds
+    (``stats`` = calibration forwards + statistics, ``solve`` = mask selection / OBS, ``recon`` = Adam,
+    ``eval`` = stream advance + errors, ``total``); ``sparsity`` per linear and overall.
+    """
+
+    spec: PruneSpec
+    masks: MaskSet
+    blocks: list[dict]
+    times: dict
+    sparsity: dict
+    memory_mb: float
+    recon_losses: list[list[float]]
+
+    @property
+    def final(self) -> dict:
+        return self.blocks[-1]
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "blocks": self.blocks, "final": self.final, "times": self.times,
+                "sparsity": self.sparsity, "memory_mb": self.memory_mb,
+                "recon_final_loss": [ls[-1] if ls else None for ls in self.recon_losses]}
+
+
+def select_linears(block: nn.Module, targets: str = "all") -> dict[str, nn.Linear]:
+    """Named ``nn.Linear`` modules of a block (``all`` | ``attn`` | ``mlp``); names relative to the block."""
+    out = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear):
+            is_attn = "attn" in name
+            if targets == "all" or (targets == "attn") == is_attn:
+                out[name] = mod
+    if not out:
+        raise PruningError(f"no linear layers selected with targets={targets!r} in {type(block).__name__}")
+    return out
+
+
+@torch.no_grad()
+def _map_block(runner: BlockRunner, i: int, x: torch.Tensor, batch: int, block: nn.Module | None = None,
+               out_device=None, on_batch=None) -> torch.Tensor:
+    """Run block ``i`` over ``x`` ``[N, T, D]`` in chunks of ``batch`` -> ``[N, T, D]`` on ``x``'s device."""
+    dev = runner.device
+    out = torch.empty_like(x, device=out_device or x.device)
+    for s in range(0, x.shape[0], batch):
+        out[s:s + batch] = runner.run_block(i, x[s:s + batch].to(dev), block=block).to(out.device)
+        if on_batch is not None:
+            on_batch(s)
+    return out
+
+
+@torch.no_grad()
+def embed_all(runner: BlockRunner, ids: torch.Tensor, batch: int = 8, act_device="cpu") -> torch.Tensor:
+    """Block-0 inputs of ``ids`` ``[N, T]`` -> float ``[N, T, D]`` on ``act_device``."""
+    return torch.cat([runner.embed(ids[s:s + batch]).to(act_device) for s in range(0, ids.shape[0], batch)])
+
+
+@torch.no_grad()
+def dense_streams(model: nn.Module, ids: torch.Tensor, batch: int = 8, act_device="cpu") -> list[torch.Tensor]:
+    """The dense model's hidden states at every block boundary: list of ``L+1`` float ``[N, T, D]``
+    (``[0]`` = embeddings, ``[i+1]`` = after block ``i``). Compute once per model and calibration set and pass
+    to :func:`prune_model` (``dense=``) to avoid re-running dense blocks across pruners and schemes."""
+    runner = BlockRunner(model)
+    hs = [embed_all(runner, ids, batch, act_device)]
+    for i in range(len(runner)):
+        hs.append(_map_block(runner, i, hs[-1], batch))
+    return hs
+
+
+def memory_estimate(n: int, t: int, d: int, *, scheme: str, heldout: tuple[int, int] = (0, 0),
+                    dense_cached_blocks: int = 0) -> float:
+    """Activation-buffer estimate in MB (fp32): sparse + dense streams, the next dense activation, the BR
+    target and a scratch output for the calibration set, plus two streams for held-out data."""
+    per = n * t * d * 4
+    bufs = 4 + (1 if scheme == "BR" else 0)
+    held = heldout[0] * heldout[1] * d * 4 * 3
+    return (bufs * per + held + dense_cached_blocks * per) / 2 ** 20
+
+
+class _Dense:
+    """Dense stream: from a cache (list of ``L+1`` tensors) or advanced lazily with the still-dense blocks."""
+
+    def __init__(self, runner, x0, cache, batch):
+        self.runner, self.batch, self.cache = runner, batch, cache
+        self.acts = {0: x0} if cache is None else None
+
+    def ensure(self, i: int) -> None:
+        """Make activation ``i`` available; must be called while block ``i-1`` is still dense."""
+        if self.cache is not None or i in self.acts:
+            return
+        self.acts[i] = _map_block(self.runner, i - 1, self.acts[i - 1], self.batch)
+        for k in [k for k in self.acts if k < i - 2]:
+            del self.acts[k]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.cache[i] if self.cache is not None else self.acts[i]
+
+
+def _mask_group(spec: PruneSpec) -> str:
+    if spec.pattern != "unstructured":
+        return "nm"
+    return {"magnitude": "matrix", "wanda": "row", "sparsegpt": "block"}[spec.pruner]
+
+
+def prune_model(model: nn.Module, calib_ids: torch.Tensor, spec: PruneSpec, *,
+                heldout_ids: torch.Tensor | None = None, extra_ids: torch.Tensor | None = None,
+                dense: list[torch.Tensor] | None = None, dense_heldout: list[torch.Tensor] | None = None,
+                act_device: str | torch.device = "cpu", verbose: bool = True) -> PruneResult:
+    """Prune ``model`` in place block by block, with optional reconstruction (paper Sec. 3).
+
+    Args:
+        model: a causal LM supported by :class:`shrink.models.BlockRunner` (weights are modified in place).
+        calib_ids: int64 ``[N, T]`` calibration windows (statistics, reconstruction, ``err_calib``).
+        spec: :class:`PruneSpec`.
+        heldout_ids: int64 ``[Nh, Th]`` held-out windows for ``err_test`` per block (optional).
+        extra_ids: int64 ``[M, T]`` extra sequences used **only** in the reconstruction loss (self-generated
+            data, paper App. C), never in the pruner statistics.
+        dense, dense_heldout: caches from :func:`dense_streams` of ``cat(calib_ids, extra_ids)`` and of
+            ``heldout_ids`` (optional; computed on the fly otherwise).
+        act_device: where activation buffers live (``"cpu"`` keeps GPU memory to one block).
+        verbose: print the memory estimate and one line per block.
+    Returns:
+        :class:`PruneResult`.
+    """
+    spec.check()
+    pat = spec.pat
+    runner = BlockRunner(model)
+    L = len(runner)
+    n_cal = calib_ids.shape[0]
+    ids = calib_ids if extra_ids is None else torch.cat([calib_ids, extra_ids])
+    if extra_ids is not None and extra_ids.shape[1] != calib_ids.shape[1]:
+        raise PruningError(f"extra_ids must have the calibration length {calib_ids.shape[1]}, "
+                           f"got {extra_ids.shape[1]}")
+    if dense is not None and (len(dense) != L + 1 or dense[0].shape[:2] != ids.shape):
+        raise PruningError("dense cache does not match: pass dense_streams(model, cat(calib_ids, extra_ids))")
+    gp = "GP" in spec.scheme
+    cr = spec.scheme.endswith("CR")
+    d = runner.blocks[0].parameters().__next__().shape[-1]
+    mem = memory_estimate(ids.shape[0], ids.shape[1], d, scheme=spec.scheme,
+                          heldout=tuple(heldout_ids.shape) if heldout_ids is not None else (0, 0))
+    if verbose:
+        print(f"[shrink.pruning] {spec.pruner} {pat} {spec.scheme} targets={spec.targets}: {L} blocks, "
+              f"calibration {n_cal}x{ids.shape[1]}" + (f" + {ids.shape[0] - n_cal} extra" if extra_ids is not None
+                                                          else "") + f"; activation buffers ~{mem:.0f} MB on {act_device}")
+    times = {"stats": 0.0, "solve": 0.0, "recon": 0.0, "eval": 0.0}
+    t_all = time.perf_counter()
+    block_names = {id(m): n for n, m in model.named_modules()}
+    masks = MaskSet(model)
+
+    t0 = time.perf_counter()
+    x = dense[0].clone() if dense is not None else embed_all(runner, ids, spec.batch, act_device)
+    dstream = _Dense(runner, x.clone() if dense is None else None, dense, spec.batch)
+    hx = hd = None
+    if heldout_ids is not None:
+        hx = dense_heldout[0].clone() if dense_heldout is not None else embed_all(runner, heldout_ids, spec.batch,
+                                                                                   act_device)
+        hd = _Dense(runner, hx.clone() if dense_heldout is None else None, dense_heldout, spec.batch)
+    times["eval"] += time.perf_counter() - t0
+
+    units = [[i] for i in range(L)]
+    done_after = list(range(L))
+    if cr:
+        units = [[0]] + [[k, k + 1] for k in range(L - 1)] + [[L - 1]] if L > 1 else [[0]]
+        done_after = [None] + list(range(L - 1)) + [L - 1] if L > 1 else [0]
+    pruned: set[int] = set()
+    blocks_out: list[dict] = []
+    losses: list[list[float]] = []
+    cur_in = x  # sparse-stream input of units[u][0]
+
+    for unit, done in zip(units, done_after):
+        # --- prune the unit's new block (at most one per unit) --------------------------------------
+        unit_in = cur_in
+        br_target = None
+        for pos, b in enumerate(unit):
+            if pos > 0:  # input of the second block of a CR window: first block (current state) on the stream
+                t0 = time.perf_counter()
+                unit_in_b = _map_block(runner, unit[0], cur_in, spec.batch)
+                times["stats"] += time.perf_counter() - t0
+            else:
+                unit_in_b = cur_in
+            if b in pruned:
+                continue
+            block = runner.blocks[b]
+            lin = select_linears(block, spec.targets)
+            t0 = time.perf_counter()
+            dstream.ensure(b + 1)
+            if hd is not None:
+                hd.ensure(b + 1)
+            need_stats = spec.pruner != "magnitude"
+            need_lp = spec.scheme == "BR"
+            sc = StatsCollector(lin, hessian=spec.pruner == "sparsegpt", enabled=need_stats)
+            if need_stats or need_lp:
+                with sc:  # statistics from the calibration sequences only (never the extra ones)
+                    out = _map_block(runner, b, unit_in_b[:n_cal], spec.batch, on_batch=lambda s: sc.end_batch())
+                if need_lp:
+                    if ids.shape[0] > n_cal:
+                        out = torch.cat([out, _map_block(runner, b, unit_in_b[n_cal:], spec.batch)])
+                    br_target = out
+            times["stats"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _prune_block(block, lin, sc, spec, pat, masks, block_names)
+            times["solve"] += time.perf_counter() - t0
+            pruned.add(b)
+        # --- reconstruct -----------------------------------------------------------------------------
+        if spec.scheme != "LR":
+            target = dstream[unit[-1] + 1] if gp else br_target
+            params = [p for b in unit for p in runner.blocks[b].parameters()]
+            unit_masks = MaskSet(model, {n: m for n, m in masks
+                                         if any(n.startswith(block_names[id(runner.blocks[b])] + ".") for b in unit)})
+
+            def fn(h, unit=unit):
+                for b in unit:
+                    h = runner.run_block(b, h)
+                return h
+            t0 = time.perf_counter()
+            cfg = spec.recon
+            r = reconstruct(fn, params, unit_masks, unit_in, target,
+                            ReconConfig(**{**asdict(cfg), "seed": cfg.seed + unit[0]}))
+            times["recon"] += time.perf_counter() - t0
+            losses.append(r["losses"])
+        # --- finalise a block: advance the sparse streams and log errors ------------------------------
+        if done is None:
+            continue
+        t0 = time.perf_counter()
+        cur_in = _map_block(runner, done, cur_in, spec.batch)
+        if hd is not None:
+            hd.ensure(done + 1)
+        dstream.ensure(done + 1)
+        e = block_error(cur_in[:n_cal], dstream[done + 1][:n_cal])
+        row = {"block": done, "err_calib": e["err"], "rel_calib": e["rel"], "tok0_calib": e["tok0_share"],
+               "err_calib_no_tok0": e["err_no_tok0"]}
+        if hx is not None:
+            hx = _map_block(runner, done, hx, spec.batch)
+            e = block_error(hx, hd[done + 1])
+            row.update(err_test=e["err"], rel_test=e["rel"], tok0_test=e["tok0_share"], err_test_no_tok0=e["err_no_tok0"])
+        blocks_out.append(row)
+        times["eval"] += time.perf_counter() - t0
+        if verbose and (done in (0, L - 1) or done % max(1, L // 5) == 0):
+            print(f"  block {done:2d}: err_calib={row['err_calib']:.4g}" +
+                  (f" err_test={row['err_test']:.4g}" if hx is not None else ""))
+    times["total"] = time.perf_counter() - t_all
+    group = _mask_group(spec)
+    sp = {}
+    for name, m in masks:
+        sp[name] = check_mask(m, pat, group if group != "nm" else "matrix", name, spec.blocksize)["sparsity"]
+    sp["__all__"] = masks.sparsity()["__all__"]
+    masks.verify()
+    return PruneResult(spec, masks, blocks_out, {k: round(v, 3) for k, v in times.items()}, sp, round(mem, 1),
+                       losses)
+
+
+@torch.no_grad()
+def _prune_block(block, lin: dict, sc: StatsCollector, spec: PruneSpec, pat: Pattern, masks: MaskSet,
+                 block_names: dict) -> None:
+    prefix = block_names[id(block)]
+    if spec.pruner == "magnitude":
+        for name, mod in lin.items():
+            m = magnitude_mask(mod.weight, pat)
+            mod.weight.mul_(m)
+            masks.add(f"{prefix}.{name}.weight", m)
+        return
+    missing = [n for n in lin if n not in sc.stats]
+    if missing:
+        raise PruningError(f"no calibration statistics for {missing}: these linears were not called in the "
+                           "block's forward")
+    if spec.pruner == "wanda":
+        for name, mod in lin.items():
+            m = wanda_mask(mod.weight, sc.stats[name].sq_norm, pat)
+            mod.weight.mul_(m)
+            masks.add(f"{prefix}.{name}.weight", m)
+        return
+    for group in sc.groups:  # sparsegpt: one solve per shared Hessian
+        group = [n for n in group if n in lin]
+        res = sparsegpt_prune([lin[n].weight for n in group], sc.stats[group[0]].hessian(), pat,
+                              blocksize=spec.blocksize, percdamp=spec.percdamp)
+        for n, (w, m) in zip(group, res):
+            lin[n].weight.copy_(w)
+            masks.add(f"{prefix}.{n}.weight", m)

@@ -1,0 +1,155 @@
+"""Quantizer presets (conventions of SmoothQuant's code and paper, QLLM-Eval, CushionCache) and the
+bits chapter's experiment presets per scale.
+
+Quantizer conventions (bits.md §2.1-2.2, §1.6):
+
+=========================  ======================================  =====================================
+preset                     weights                                 activations
+=========================  ======================================  =====================================
+``smoothquant_code``       sym abs-max per output channel          sym, dynamic per-token or per-tensor
+``smoothquant_level`` O1   sym per-tensor (SmoothQuant Table 2)    sym per-token dynamic
+``smoothquant_level`` O2   sym per-tensor                          sym per-tensor dynamic
+``smoothquant_level`` O3   sym per-tensor                          sym per-tensor static
+``qllm_eval``              sym group-wise (``w_group_size``)       asym (zero point) per-token/-tensor dyn
+``cushioncache_paper``     sym group-wise ("TF default")           asym; static / dynamic / per-token
+=========================  ======================================  =====================================
+
+CushionCache pairs per-tensor static / per-tensor dynamic / per-token dynamic with SmoothQuant O3 / O2 / O1
+and its own quantizer setup (not SmoothQuant's per-tensor weights), alpha = 0.8 for all models; the
+weight group size is not given (ours: 128 at paper scale; 64 on SmolLM2 whose widths 576/1536 are not
+multiples of 128; 32 on the tiny models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..scales import Preset, PresetError, register
+from .quantizer import QuantError, QuantSpec
+
+ACT_MODES = ("static", "dynamic", "token")
+
+
+def _act(mode: str, bits: int, symmetric: bool, clip_top: float = 0.0) -> QuantSpec:
+    if mode not in ACT_MODES:
+        raise QuantError(f"activation mode must be one of {ACT_MODES} (per-tensor static, per-tensor dynamic, "
+                         f"per-token dynamic), got {mode!r}")
+    if mode == "token":
+        return QuantSpec(bits, symmetric, "token")
+    return QuantSpec(bits, symmetric, "tensor", static=(mode == "static"), clip_top=clip_top)
+
+
+def smoothquant_code(act: str = "token", bits: int = 8) -> tuple[QuantSpec, QuantSpec]:
+    """SmoothQuant ``fake_quant.py``: W sym per-channel abs-max, A sym dynamic (``act``: token|dynamic)."""
+    if act == "static":
+        raise QuantError("SmoothQuant's fake-quant code has no static path (only its real-INT8 OPT code); use "
+                         "smoothquant_level('O3') or cushioncache_paper('static')")
+    return QuantSpec(bits, True, "channel"), _act(act, bits, True)
+
+
+def smoothquant_level(level: str, bits: int = 8, clip_top: float = 0.0) -> tuple[QuantSpec, QuantSpec]:
+    """SmoothQuant paper Table 2: O1/O2/O3 = per-token dynamic / per-tensor dynamic / per-tensor static
+    activations, per-tensor symmetric weights."""
+    modes = {"O1": "token", "O2": "dynamic", "O3": "static"}
+    if level not in modes:
+        raise QuantError(f"SmoothQuant level must be O1, O2 or O3, got {level!r}")
+    return QuantSpec(bits, True, "tensor"), _act(modes[level], bits, True, clip_top)
+
+
+def qllm_eval(act: str = "token", bits: int = 8, w_bits: int | None = None,
+              w_group_size: int = 128) -> tuple[QuantSpec, QuantSpec]:
+    """QLLM-Eval (``quant_funcs.py``): W sym group-wise, A asym (zero point) dynamic per-token or per-tensor."""
+    if act == "static":
+        raise QuantError("QLLM-Eval has no static activation path (CushionCache added the calibration); "
+                         "use cushioncache_paper('static')")
+    return QuantSpec(w_bits or bits, True, "group", w_group_size), _act(act, bits, False)
+
+
+def cushioncache_paper(act: str = "static", bits: int = 8, w_bits: int | None = None, w_group_size: int = 128,
+                       clip_top: float = 0.0) -> tuple[QuantSpec, QuantSpec]:
+    """CushionCache Sec. 5: W sym group-wise, A asym; ``act`` = static (per-tensor, calibrated) | dynamic
+    (per-tensor) | token (per-token dynamic). Static ranges exclude prefix positions (by construction)."""
+    return QuantSpec(w_bits or bits, True, "group", w_group_size), _act(act, bits, False, clip_top)
+
+
+@dataclass(frozen=True)
+class BitsPreset(Preset):
+    """All knobs of the bits chapter (notebooks 02a-02f). Windows are the *first* ``windows`` windows of the
+    evaluation stream (deterministic); calibration and search texts come from the seeded sampler."""
+
+    eval_corpus: str = "wikitext2"
+    eval_split: str = "test"
+    seqlen: int = 512
+    windows: int | None = 8
+    calib_corpus: str = "wikitext2"
+    calib_split: str = "validation"
+    calib_nsamples: int = 8
+    calib_seqlen: int = 512
+    w_group_size: int = 64
+    alpha: float = 0.8
+    alphas: tuple = (0.5, 0.8, 0.85)
+    clip_top: float = 0.02
+    probe_seqlen: int = 512
+    probe_nsamples: int = 2
+    # stage 1
+    search_corpus: str = "wikitext2"
+    search_split: str = "validation"
+    search_nsamples: int = 4
+    search_seqlen: int = 96
+    shortlist_k: int | None = 32  # None = the full vocabulary (paper)
+    tau: float = 0.5
+    max_len: int = 4
+    search_batch_size: int = 16
+    prerank_top: int = 0
+    # stage 2
+    tune_steps: int = 16
+    tune_lr: float = 1e-3
+    tune_batch_size: int = 2
+    tune_seqlen: int = 256
+    tune_nsamples: int = 16
+    tune_val_nsamples: int = 4
+    lambda_q: float = 0.01
+    low_bits: tuple = (6, 4)
+
+    def check(self) -> None:
+        if not 0.0 < self.tau <= 1.0:
+            raise PresetError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.clip_top < 1.0:
+            raise PresetError(f"clip_top must be in [0, 1), got {self.clip_top}")
+        if any(not 0.0 <= a <= 1.0 for a in (self.alpha, *self.alphas)):
+            raise PresetError("SmoothQuant alphas must lie in [0, 1]")
+        if self.max_len < 1:
+            raise PresetError(f"max_len must be >= 1, got {self.max_len}")
+
+    def specs(self, act: str, bits: int = 8) -> tuple[QuantSpec, QuantSpec]:
+        """The chapter's default quantizers (:func:`cushioncache_paper` with this preset's group size)."""
+        return cushioncache_paper(act, bits, w_group_size=self.w_group_size)
+
+
+#: the paper's models (Table 1 columns run here; BLOOM-7B has no adapter in shrink.models)
+PAPER_MODELS = ("meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B", "mistralai/Mistral-7B-v0.1",
+                "facebook/opt-6.7b")
+
+_PAPER = BitsPreset(
+    model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, calib_corpus="wikitext2", calib_split="train",
+    calib_nsamples=64, calib_seqlen=2048, w_group_size=128, alpha=0.8, probe_seqlen=4096, probe_nsamples=10,
+    search_corpus="c4", search_split="train", search_nsamples=8, search_seqlen=512, shortlist_k=None,
+    max_len=8, search_batch_size=256, tune_steps=128, tune_batch_size=8, tune_seqlen=512, tune_nsamples=512,
+    tune_val_nsamples=32)
+
+
+def paper_preset(model: str) -> BitsPreset:
+    """The paper-scale preset for one of :data:`PAPER_MODELS` (same settings, that model)."""
+    if model not in PAPER_MODELS:
+        raise PresetError(f"{model!r} is not one of the paper's models {PAPER_MODELS}")
+    return _PAPER.with_(model=model)
+
+
+register("bits", {
+    "tiny": BitsPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64, w_group_size=32,
+                       probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
+                       max_len=3, search_batch_size=6, tune_steps=3, tune_seqlen=32, tune_nsamples=4,
+                       tune_val_nsamples=2, tune_lr=1e-2),
+    "cpu": BitsPreset(model="smollm2-135m"),
+    "paper": _PAPER,
+})

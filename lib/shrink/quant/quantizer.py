@@ -1,0 +1,182 @@
+"""One fake-quantizer for weights and activations (uniform integer grid, round-to-nearest).
+
+Conventions implemented (bits.md §2.2, CushionCache Eq. 3-4, SmoothQuant ``fake_quant.py``,
+QLLM-Eval/AWQ ``pseudo_quantize_tensor``):
+
+* **symmetric** (SmoothQuant, weights of QLLM-Eval): ``s = max|x| / qmax`` with ``qmax = 2^(b-1) - 1``;
+  ``x_hat = clamp(round(x / s), qmin, qmax) * s``; ``qmin = -qmax`` (``narrow=True``, SmoothQuant's
+  effective range, the default) or ``-2^(b-1)`` (``narrow=False``, AWQ/QLLM-Eval's clamp).
+* **asymmetric** (CushionCache/QLLM-Eval activations; CushionCache Eq. 4 with the ``2^N - 1``
+  denominator — the paper prints ``2^(N-1) - 1``, which bits.md §1.6 treats as a typo):
+  ``s = (max - min) / (2^b - 1)``, integer zero point ``z = clamp(round(-min / s), 0, 2^b - 1)``,
+  ``x_hat = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``.
+
+Granularities act on a tensor ``x`` of shape ``[..., D]`` (``D`` = the last, input-feature dimension):
+
+``tensor``  one scale for the whole tensor (or one per sample with ``per_sample=True``: the leading
+            dimension is a batch of independent sequences, as in the batched candidate search).
+``token``   one scale per row of ``D`` values: per-token for activations ``[B, T, D]``; for a weight
+            ``[out, in]`` this is per-output-channel (alias ``channel``, SmoothQuant's ``per_channel``).
+``column``  one scale per input feature ``D`` (activation per-channel; reduces over all leading dims).
+``group``   groups of ``group_size`` consecutive values along ``D`` (weights group-wise as in QLLM-Eval).
+
+Static quantization stores ``(scale, zero)`` computed once by calibration (:mod:`shrink.quant.fakequant`);
+dynamic quantization recomputes them from each input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from ..errors import ShrinkError
+
+
+class QuantError(ShrinkError, ValueError):
+    """Bad quantizer configuration or input."""
+
+
+GRANULARITIES = ("tensor", "token", "channel", "column", "group")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A uniform quantizer.
+
+    Attributes:
+        bits: integer bit width (2..16).
+        symmetric: symmetric abs-max grid (True) or asymmetric min/max grid with zero point (False).
+        granularity: ``tensor`` | ``token`` (= ``channel`` for weights: one scale per row) | ``column`` |
+            ``group`` (see module docstring).
+        group_size: values per group along the last dim (``granularity="group"``).
+        static: activations only: use calibrated ranges (True) or recompute per input (False).
+        narrow: symmetric only: ``qmin = -qmax`` (True) or ``-2^(b-1)`` (False).
+        clip_top: static calibration only: fraction of calibration tokens with the largest per-token
+            range excluded before taking the max (0.02 = SmoothQuant/Outlier-Suppression's "clip the top
+            2 % of tokens"); 0 = plain abs-max/min-max calibration.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "token"
+    group_size: int = 128
+    static: bool = False
+    narrow: bool = True
+    clip_top: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise QuantError(f"bits must be an integer in [2, 16], got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise QuantError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group" and self.group_size <= 0:
+            raise QuantError(f"group_size must be positive, got {self.group_size}")
+        if not 0.0 <= self.clip_top < 1.0:
+            raise QuantError(f"clip_top is a fraction of tokens in [0, 1), got {self.clip_top}")
+        if self.static and self.granularity not in ("tensor", "column"):
+            raise QuantError(f"static ranges are calibrated per tensor or per column; granularity "
+                             f"{self.granularity!r} changes with the input, use static=False (dynamic)")
+
+    @property
+    def qmin(self) -> int:
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1) - 1) if self.narrow else -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+    def with_(self, **kw) -> "QuantSpec":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        g = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        kind = "static" if self.static else "dynamic"
+        clip = f", clip top {self.clip_top:.0%}" if self.clip_top else ""
+        return f"INT{self.bits} {'sym' if self.symmetric else 'asym'} {g} {kind}{clip}"
+
+
+EPS = 1e-8
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    d = x.shape[-1]
+    if d % spec.group_size:
+        raise QuantError(f"group_size={spec.group_size} does not divide the last dimension {d}; "
+                         f"choose a divisor of {d} (e.g. {_divisor_hint(d, spec.group_size)})")
+    return x.reshape(*x.shape[:-1], d // spec.group_size, spec.group_size)
+
+
+def _divisor_hint(d: int, g: int) -> int:
+    return max(k for k in range(1, min(d, g) + 1) if d % k == 0)
+
+
+def range_of(x: torch.Tensor, spec: QuantSpec, *, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduction of ``x`` to the (min, max) tensors the quantizer's scales are computed from.
+
+    Returns ``(lo, hi)`` broadcastable against ``x`` (or against the grouped view for ``group``). For
+    symmetric specs ``lo = -hi = -max|x|``.
+    """
+    xf = x.float()
+    if spec.granularity == "group":
+        xf = _grouped(xf, spec)
+        dims: tuple = (-1,)
+    elif spec.granularity in ("token", "channel"):
+        dims = (-1,)
+    elif spec.granularity == "column":
+        dims = tuple(range(xf.dim() - 1))
+    else:  # tensor
+        dims = tuple(range(1, xf.dim())) if per_sample else tuple(range(xf.dim()))
+    if spec.symmetric:
+        hi = xf.abs().amax(dim=dims, keepdim=True)
+        return -hi, hi
+    return xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from a range (CushionCache Eq. 3-4; QLLM-Eval convention).
+
+    Symmetric: ``s = max(|lo|, |hi|) / qmax``, ``z = 0``. Asymmetric: ``s = (hi - lo) / (2^b - 1)``,
+    ``z = clamp(round(-lo / s), 0, 2^b - 1)``. Scales are clamped to >= 1e-8. fp32 tensors.
+    """
+    if spec.symmetric:
+        s = torch.maximum(lo.abs(), hi.abs()).clamp(min=EPS) / spec.qmax
+        return s, torch.zeros_like(s)
+    lo = torch.minimum(lo, torch.zeros_like(lo))  # the grid always holds 0 (exact zero padding/ReLU)
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    s = (hi - lo).clamp(min=EPS) / spec.qmax
+    z = torch.round(-lo / s).clamp(0, spec.qmax)
+    return s, z
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+               zero: torch.Tensor | None = None, *, per_sample: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (any float dtype, shape ``[..., D]``) -> same shape and dtype.
+
+    ``q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) * s`` (CushionCache Eq. 3 with integer ``z``).
+    With ``scale``/``zero`` given (static, from calibration) they are used as they are; otherwise they are
+    computed from ``x`` (dynamic). Values outside a static range are clipped to the grid.
+    """
+    if scale is None:
+        lo, hi = range_of(x, spec, per_sample=per_sample)
+        scale, zero = qparams(lo, hi, spec)
+    xf = x.float()
+    grouped = spec.granularity == "group"
+    if grouped:
+        xf = _grouped(xf, spec)
+    q = torch.clamp(torch.round(xf / scale) + zero, spec.qmin, spec.qmax)
+    out = (q - zero) * scale
+    if grouped:
+        out = out.reshape(x.shape)
+    return out.to(x.dtype)
+
+
+def quant_error(x: torch.Tensor, spec: QuantSpec, *, per_sample: bool = False) -> torch.Tensor:
+    """``||x - q(x)||^2`` (CushionCache's L_q term for one tensor); per sample (``[B]``) if ``per_sample``."""
+    err = (x.float() - fake_quant(x, spec, per_sample=per_sample).float()).pow(2)
+    return err.flatten(1).sum(1) if per_sample else err.sum()
