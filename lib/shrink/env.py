@@ -16,6 +16,7 @@ Environment variables (all optional except ``SHRINK_DATA`` for offline corpora):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -64,6 +65,19 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("+dirty" if dirty else "")) or None
+
+
+def code_hash() -> str:
+    """sha256 (first 12 hex) of every ``.py`` file of the installed ``shrink`` package (paths + contents).
+
+    Stored in every result record; :func:`shrink.results.cached` recomputes a record made by other code.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def versions() -> dict[str, str]:

@@ -108,3 +108,39 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, *, ma
     return Perplexity(ppl=math.exp(nll), nll=nll, n_windows=n, n_tokens=n_pred, seqlen=seqlen, dataset=dataset,
                       split=split, model=model_name(model), dtype=str(next(model.parameters()).dtype),
                       prefix_len=plen, seconds=round(time.perf_counter() - t0, 3))
+
+
+#: The seven zero-shot tasks of Wanda / SparseGPT follow-ups, "Rethinking Pruning LLMs" and CushionCache.
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size: int = 8, limit: int | None = None,
+              num_fewshot: int = 0) -> dict:
+    """Zero-shot accuracy through ``lm-eval`` (EleutherAI harness) wrapping the in-memory model with HFLM.
+
+    Paper scale only: lm-eval downloads its task data, so it needs ``SHRINK_ONLINE=1`` and
+    ``pip install -e .[eval]``.
+
+    Returns:
+        ``{"tasks": {task: {"acc": float, "acc_norm": float|None}}, "mean_acc": float, "lm_eval": version,
+        "limit": limit}``; ``mean_acc`` averages ``acc`` over tasks as the papers' tables do.
+    """
+    from .errors import OfflineError, ShrinkError
+
+    if not env.online():
+        raise OfflineError("zero-shot evaluation downloads lm-eval task data: set SHRINK_ONLINE=1 on a machine "
+                           "with internet (paper scale).")
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ShrinkError("zero-shot evaluation needs lm-eval: `pip install -e .[eval]`.") from exc
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    per_task = {}
+    for task in tasks:
+        r = out["results"][task]
+        acc = r.get("acc,none", r.get("acc"))
+        per_task[task] = {"acc": float(acc), "acc_norm": r.get("acc_norm,none", r.get("acc_norm"))}
+    mean = sum(t["acc"] for t in per_task.values()) / len(per_task)
+    return {"tasks": per_task, "mean_acc": mean, "lm_eval": getattr(lm_eval, "__version__", "?"), "limit": limit}

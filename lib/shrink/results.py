@@ -10,6 +10,9 @@ config hash exists, else runs ``fn()`` and writes the record **atomically** (tem
 interrupted ``make run`` resumes where it stopped and never leaves a half-written record. Tensors (pruned
 weights, activation caches) go through ``cached_tensors`` into ``$SHRINK_CACHE``, not into ``results/``.
 
+Every record stores ``code``, a hash of the ``shrink`` package's source. A record made by other code is
+**not** reused: ``cached`` says so and recomputes (``SHRINK_REUSE_STALE=1`` reuses it anyway, e.g. to render
+the book from committed records; the record keeps its own ``code`` and ``git_sha``).
 Set ``SHRINK_RECOMPUTE=1`` to ignore existing records (they are overwritten only when the new run finishes).
 
 Introduced in: notebooks/00-start/00-tour.md
@@ -94,7 +97,7 @@ def save(name: str, config: dict, metrics: dict, *, scale: str, chapter: str, se
     path = record_path(name, config, scale=scale, chapter=chapter)
     record = {"schema": SCHEMA, "name": name, "scale": scale, "chapter": chapter, "key": config_key(config),
               "config": _jsonable(config), "metrics": _jsonable(metrics), "versions": env.versions(),
-              "git_sha": env.git_sha(), "device": env.device_name(),
+              "git_sha": env.git_sha(), "code": env.code_hash(), "device": env.device_name(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds}
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
@@ -123,7 +126,11 @@ def cached(name: str, config: dict, fn: Callable[[], dict], *, scale: str, chapt
     """
     path = record_path(name, config, scale=scale, chapter=chapter)
     if path.exists() and os.environ.get("SHRINK_RECOMPUTE") != "1":
-        return load(path)["metrics"]
+        record = load(path)
+        if record.get("code") == env.code_hash() or os.environ.get("SHRINK_REUSE_STALE") == "1":
+            return record["metrics"]
+        print(f"[shrink.results] {path.name} was computed by other shrink code ({record.get('code')} != "
+              f"{env.code_hash()}): recomputing.")
     t0 = time.perf_counter()
     metrics = fn()
     save(name, config, metrics, scale=scale, chapter=chapter, seconds=round(time.perf_counter() - t0, 3))

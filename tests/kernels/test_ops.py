@@ -132,6 +132,7 @@ def test_fake_quant_per_token_matches_naive(symmetric, bits, dtype):
     x = _x((2, 3, 24), seed=bits, dtype=dtype)
     x[0, 1] = 0  # an all-zero token: scale 1, exact zeros
     x[1, 2] = x[1, 2].abs() + 0.5  # an all-positive token (asym range still includes 0)
+    x[0, 2] = -x[0, 2].abs() - 0.5  # an all-negative token
     out = ops.fake_quant_per_token(x, bits, symmetric)
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(out, naive_fake_per_token(x, bits, symmetric))

@@ -76,3 +76,16 @@ def test_cached_tensors(tmp_path, monkeypatch):
 def test_config_key_is_order_independent():
     assert results.config_key({"a": 1, "b": 2}) == results.config_key({"b": 2, "a": 1})
     assert results.config_key({"a": 1}) != results.config_key({"a": 2})
+
+
+def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
+    results.cached("c", {"a": 1}, lambda: {"v": 1}, scale="tiny", chapter="t")
+    path = results.record_path("c", {"a": 1}, scale="tiny", chapter="t")
+    rec = json.loads(path.read_text())
+    rec["code"] = "000000000000"
+    path.write_text(json.dumps(rec))
+    monkeypatch.setenv("SHRINK_REUSE_STALE", "1")
+    assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="tiny", chapter="t") == {"v": 1}
+    monkeypatch.delenv("SHRINK_REUSE_STALE")
+    assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="tiny", chapter="t") == {"v": 2}
+    assert "recomputing" in capsys.readouterr().out

@@ -92,11 +92,16 @@ class LqRecorder:
         self.n_tokens = 0
         self._hooks: list = []
         self._last = None
+        self._batch = 1
 
     def _measure(self, name: str, x: torch.Tensor) -> None:
         if self._last is not None and self._last[0] is x and self._last[1] is None:  # q/k/v share one input
             self.lq = self.lq + self._last[2]
             return
+        if x.dim() == 3:
+            self._batch = x.shape[0]
+        else:  # OPT flattens [B, T, D] -> [B*T, D] before its FFN
+            x = x.reshape(self._batch, -1, x.shape[-1])
         xt = x[:, self.skip:]
         if self.grad is None:
             xt = xt.detach()
@@ -346,7 +351,7 @@ def prefixquant_tokens(model: nn.Module, calib_ids: torch.Tensor, *, eta: float 
     if not lins:
         raise QuantError(f"no decoder linear named *{linear}; use e.g. down_proj (LLaMA) or fc2 (OPT)")
     flags = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a: flags.append(a[0].detach().abs().amax(-1))) for m in lins.values()]
+    hooks = [m.register_forward_pre_hook(lambda _m, a: flags.append(a[0].detach().abs().amax(-1).reshape(1, -1))) for m in lins.values()]
     try:
         for row in calib_ids:
             flags.clear()
@@ -453,7 +458,7 @@ def tune_prefix(model: nn.Module, prefix: KVPrefix, train_ids: torch.Tensor, *, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            rec = {"step": step, "loss": float(loss), "ce": float(ce), "lq": float(lq)}
+            rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()), "lq": float(lq.detach())}
             if val_ids is not None and (step % eval_every == 0 or step == steps):
                 v = validate(step)
                 rec.update(v)

@@ -49,6 +49,7 @@ class QuantLinear(nn.Module):
         self.hi: torch.Tensor | None = None
         self._observing = False
         self._skip_first = 0
+        self._batch = 1
         self._obs: dict = {}
         self.refresh_weight()
 
@@ -67,7 +68,9 @@ class QuantLinear(nn.Module):
 
     # ---- calibration ---------------------------------------------------------------------------
     def _observe(self, x: torch.Tensor) -> None:
-        x = x[:, self._skip_first:] if x.dim() == 3 else x
+        if x.dim() == 2:  # OPT flattens [B, T, D] -> [B*T, D] before its FFN
+            x = x.reshape(self._batch, -1, x.shape[-1])
+        x = x[:, self._skip_first:]
         xf = x.detach().float().reshape(-1, x.shape[-1])  # [N, D]
         o = self._obs
         if self.a_spec.granularity == "column":
@@ -221,6 +224,8 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, *, prefix: KVPrefix | N
         dev = next(model.parameters()).device
         for s in range(0, calib_ids.shape[0], batch_size):
             ids = calib_ids[s:s + batch_size].to(dev)
+            for m in mods:
+                m._batch = ids.shape[0]
             kw = {} if prefix is None else {"past_key_values": prefix.cache(ids.shape[0]), "use_cache": True}
             model(input_ids=ids, **kw)
     except BaseException:
