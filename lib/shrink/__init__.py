@@ -16,7 +16,8 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("models", "data", "eval", "results", "scales", "notebook", "plotting", "env", "errors")
+_SUBMODULES = ("models", "data", "eval", "results", "scales", "notebook", "plotting", "env", "errors", "probe",
+               "ops", "pruning", "quant", "report")
 
 
 def __getattr__(name):  # lazy: `import shrink` stays fast, `shrink.models` works without extra imports

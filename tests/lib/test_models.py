@@ -104,3 +104,15 @@ def test_byte_tokenizer_roundtrip():
     text = "Shrink — ünïcode ok"
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("a", add_special_tokens=True) == [256, 97]
+
+
+def test_corrupt_model_cache_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    folder = models.smollm2_cache_path()
+    folder.mkdir(parents=True)
+    (folder / "DONE").write_text("x")
+    (folder / "config.json").write_text("{broken")
+    from shrink.errors import CacheCorruptError
+
+    with pytest.raises(CacheCorruptError, match=str(folder)):
+        models.load("smollm2-135m")
