@@ -7,6 +7,14 @@ from shrink.pruning import (MaskSet, PruningError, check_mask, magnitude_mask, p
                             wanda_mask)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rand(rows, cols, seed):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

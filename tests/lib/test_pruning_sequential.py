@@ -11,6 +11,15 @@ from shrink.pruning import (PRUNERS, PruneSpec, PruningError, ReconConfig, Stats
                             dense_streams, parse_pattern, prune_model, select_linears)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: the CI machine's cores are shared; several threads under contention are far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, _ = M.load("tiny-llama")
@@ -19,7 +28,7 @@ def tiny():
 
 
 def _recon(epochs=3):
-    return ReconConfig(epochs=epochs, batch_size=2, lr=2e-3)
+    return ReconConfig(epochs=epochs, batch_size=2, lr=1e-3)
 
 
 @pytest.mark.parametrize("pruner", PRUNERS)
@@ -102,7 +111,7 @@ def test_reconstruction_lowers_error_and_keeps_masks(tiny, pruner):
         res.masks.verify()
         assert res.sparsity["__all__"] == 0.5
         errs[scheme] = res.final["err_calib"]
-        if scheme != "LR":
+        if scheme in ("BR", "BR+GP"):
             # every unit's loss fell: mean of the last epoch (4 steps) below the first epoch's
             assert all(sum(ls[-4:]) < sum(ls[:4]) for ls in res.recon_losses)
     # measured on tiny-llama (3 epochs): LR 3.7e-5 -> BR ~1.4e-5 -> GP ~1.1e-5; assert half the effect

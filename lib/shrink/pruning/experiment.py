@@ -106,8 +106,11 @@ def cached_measure(st: Setup, name: str, spec: PruneSpec, seed: int, *, nsamples
                    extra: torch.Tensor | None = None, extra_tag: str | None = None, ppl: bool = True) -> dict:
     """:func:`measure` through :func:`shrink.results.cached` (key: preset, spec, seed, calibration size, extra)."""
     c = st.cfg
-    config = {"preset": c.to_dict(), "spec": spec.to_dict(), "seed": seed, "nsamples": nsamples or c.calib_nsamples,
-              "extra": extra_tag, "ppl": ppl}
+    # key = only what determines the measurement, so notebooks share records (01a's LR cells are 01b's)
+    config = {"model": c.model, "calib": [c.calib_corpus, c.calib_split, nsamples or c.calib_nsamples, c.calib_seqlen],
+              "heldout": [c.heldout_corpus, c.heldout_split, c.heldout_nsamples, c.heldout_seqlen],
+              "eval": [c.eval_seqlen, c.eval_windows, c.eval2_corpus, c.eval2_split], "spec": spec.to_dict(),
+              "seed": seed, "extra": extra_tag, "ppl": ppl}
 
     def fn():
         calib = st.calib(seed, nsamples)

@@ -46,7 +46,7 @@ class PruningPreset(Preset):
     budgets: tuple = ((4, 20), (16, 5))
     budget_batch_size: int = 1
     # self-generated data (01d)
-    selfgen_nsamples: tuple = (0, 16, 32)
+    selfgen_sizes: tuple = (0, 16, 32)
     selfgen_seqlen: int = 256
     zero_shot: bool = False
 
@@ -58,22 +58,23 @@ class PruningPreset(Preset):
             raise PresetError("lr must be > 0 and seeds non-empty")
 
 
-_TINY = dict(model="tiny-llama", calib_corpus="shakespeare", calib_split="all", calib_nsamples=8, calib_seqlen=64,
+_TINY = dict(model="tiny-llama", sweep_sparsities=(0.3, 0.5, 0.7), calib_corpus="shakespeare", calib_split="all", calib_nsamples=8, calib_seqlen=64,
              heldout_corpus="fortunes", heldout_split="all", heldout_nsamples=4, heldout_seqlen=64,
              eval_seqlen=64, eval_windows=4, eval2_corpus=None, epochs=2, batch_size=2, lr=1e-3, seeds=(0,),
-             budgets=((2, 4), (8, 1)), budget_batch_size=1, selfgen_nsamples=(0, 4), selfgen_seqlen=64)
+             budgets=((2, 4), (8, 1)), budget_batch_size=1, selfgen_sizes=(0, 4), selfgen_seqlen=64)
 _PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="train", calib_nsamples=256,
                   calib_seqlen=1024, heldout_corpus="wikitext2", heldout_split="test", heldout_nsamples=64,
                   heldout_seqlen=1024, eval_seqlen=2048, eval_windows=None, eval2_corpus="c4",
                   eval2_split="validation", epochs=10, batch_size=8, lr=2e-4, seeds=(0,), zero_shot=True,
-                  budgets=((32, 80), (256, 10)), budget_batch_size=8, selfgen_nsamples=(0, 256, 512, 1024),
+                  budgets=((32, 80), (256, 10)), budget_batch_size=8, selfgen_sizes=(0, 256, 512, 1024),
                   selfgen_seqlen=1024)
 
 # 01a: LR baselines (Tables 1/3 LR rows; SparseGPT/Wanda tables' layout)
 register("pruning-baselines", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=16, calib_seqlen=256, eval_windows=8,
-                         eval2_corpus="pydocs", seeds=(0,)),
+    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
+                         eval2_corpus=None, sweep_sparsities=(0.5, 0.7), epochs=4, batch_size=2, lr=1e-3,
+                         seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
@@ -100,7 +101,7 @@ register("pruning-selfgen", {
     "tiny": PruningPreset(**_TINY),
     "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
                          eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, pruners=("wanda",),
-                         selfgen_nsamples=(0, 16), selfgen_seqlen=256, seeds=(0,)),
+                         selfgen_sizes=(0, 16), selfgen_seqlen=256, seeds=(0,)),
     "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
 })
 

@@ -224,10 +224,12 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, spec: PruneSpec, *,
     runner = BlockRunner(model)
     L = len(runner)
     n_cal = calib_ids.shape[0]
-    ids = calib_ids if extra_ids is None else torch.cat([calib_ids, extra_ids])
-    if extra_ids is not None and extra_ids.shape[1] != calib_ids.shape[1]:
+    if calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise PruningError(f"calib_ids must be int64 [N, T], got {calib_ids.dtype} {tuple(calib_ids.shape)}")
+    if extra_ids is not None and extra_ids.shape[1:] != calib_ids.shape[1:]:
         raise PruningError(f"extra_ids must have the calibration length {calib_ids.shape[1]}, "
-                           f"got {extra_ids.shape[1]}")
+                           f"got shape {tuple(extra_ids.shape)}")
+    ids = calib_ids if extra_ids is None else torch.cat([calib_ids, extra_ids])
     if dense is not None and (len(dense) != L + 1 or dense[0].shape[:2] != ids.shape):
         raise PruningError("dense cache does not match: pass dense_streams(model, cat(calib_ids, extra_ids))")
     gp = "GP" in spec.scheme

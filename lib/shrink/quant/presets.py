@@ -80,7 +80,7 @@ class BitsPreset(Preset):
     eval_corpus: str = "wikitext2"
     eval_split: str = "test"
     seqlen: int = 512
-    windows: int | None = 8
+    windows: int | None = 4
     calib_corpus: str = "wikitext2"
     calib_split: str = "validation"
     calib_nsamples: int = 8
@@ -101,6 +101,7 @@ class BitsPreset(Preset):
     max_len: int = 4
     search_batch_size: int = 16
     prerank_top: int = 0
+    init_tokens: tuple = ()  # the paper's non-empty initial prompt heuristic (e.g. BOS); ids of the model's tokenizer
     # stage 2
     tune_steps: int = 16
     tune_lr: float = 1e-3
@@ -148,7 +149,7 @@ def paper_preset(model: str) -> BitsPreset:
 register("bits", {
     "tiny": BitsPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64, w_group_size=32,
                        probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
-                       max_len=3, search_batch_size=6, tune_steps=3, tune_seqlen=32, tune_nsamples=4,
+                       max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3, tune_seqlen=32, tune_nsamples=4,
                        tune_val_nsamples=2, tune_lr=1e-2),
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
