@@ -178,3 +178,17 @@ def test_paper_presets_run_on_standins(paper_model, monkeypatch, tmp_path):
         assert torch.isfinite(out).all()
     tuned, _ = Q.tune_prefix(model, prefix, texts[:, :16], steps=1, batch_size=2)
     assert tuned.length == prefix.length
+
+
+@pytest.mark.cpu
+def test_smollm2_sink_prefix_cuts_lq():
+    """On SmolLM2 one sink-like prefix token removes the massive activation from the text's linear inputs."""
+    model, tok = M.load("smollm2-135m")
+    prose = ("The river rises in the northern hills and flows south through farmland for about two hundred "
+             "kilometres before it reaches the sea. Several small towns grew up along its banks in the "
+             "nineteenth century, when the railway arrived and the mills were built.")
+    text = torch.tensor(tok.encode(prose, add_special_tokens=False))
+    plain = Q.text_lq(model, text)
+    pre = Q.text_lq(model, text, M.KVPrefix.from_tokens(model, tok.encode("\n", add_special_tokens=False)))
+    assert plain["maxabs"] > 1000 and plain["maxabs"] / pre["maxabs"] > 10
+    assert pre["lq"] < 0.5 * plain["lq"]  # the paper's tau = 0.5 acceptance would take it

@@ -132,3 +132,13 @@ def dense_reference(st: Setup) -> dict:
         return out
     return results.cached("dense", {"model": c.model, "eval_seqlen": c.eval_seqlen, "eval_windows": c.eval_windows,
                                     "eval2": c.eval2_corpus}, fn, scale=st.scale, chapter=CHAPTER)
+
+
+def self_generated(st: Setup, n: int, seed: int) -> torch.Tensor:
+    """``n`` self-generated sequences of ``selfgen_seqlen`` tokens from the dense model (cached tensors)."""
+    from .selfgen import self_generate
+
+    c = st.cfg
+    key = {"model": c.model, "n": n, "seqlen": c.selfgen_seqlen, "seed": seed, "min_alpha": c.selfgen_min_alpha}
+    return results.cached_tensors("selfgen", key, lambda: self_generate(st.model, st.tok, n, c.selfgen_seqlen,
+                                                                        seed=seed, min_alpha=c.selfgen_min_alpha))

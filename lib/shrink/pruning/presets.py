@@ -48,6 +48,7 @@ class PruningPreset(Preset):
     # self-generated data (01d)
     selfgen_sizes: tuple = (0, 16, 32)
     selfgen_seqlen: int = 256
+    selfgen_min_alpha: float = 0.8      # offline language filter (0 = off; random tiny models need 0)
     zero_shot: bool = False
 
     def check(self) -> None:
@@ -61,7 +62,14 @@ class PruningPreset(Preset):
 _TINY = dict(model="tiny-llama", sweep_sparsities=(0.3, 0.5, 0.7), calib_corpus="shakespeare", calib_split="all", calib_nsamples=8, calib_seqlen=64,
              heldout_corpus="fortunes", heldout_split="all", heldout_nsamples=4, heldout_seqlen=64,
              eval_seqlen=64, eval_windows=4, eval2_corpus=None, epochs=2, batch_size=2, lr=1e-3, seeds=(0,),
-             budgets=((2, 4), (8, 1)), budget_batch_size=1, selfgen_sizes=(0, 4), selfgen_seqlen=64)
+             budgets=((2, 4), (8, 1)), budget_batch_size=1, selfgen_sizes=(0, 4), selfgen_seqlen=64,
+             selfgen_min_alpha=0.0)
+# cpu budget shared by the notebooks (so records are shared): SmolLM2-135M, 8 x 256 WikiText-2 validation
+# tokens, 4 x 256 held-out error windows from the end of WikiText-2 test, perplexity on the first 4 x 512 test
+# tokens; reconstruction 2 epochs x batch 2 (8 Adam steps per block) at lr 1e-3 -- sized for a shared 2-core
+# CPU (the paper: 320 steps per block at lr 2e-4)
+_CPU = dict(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, heldout_nsamples=4, heldout_seqlen=256,
+            eval_seqlen=512, eval_windows=4, eval2_corpus=None, epochs=2, batch_size=2, lr=1e-3)
 _PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="train", calib_nsamples=256,
                   calib_seqlen=1024, heldout_corpus="wikitext2", heldout_split="test", heldout_nsamples=64,
                   heldout_seqlen=1024, eval_seqlen=2048, eval_windows=None, eval2_corpus="c4",
@@ -72,44 +80,35 @@ _PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="tra
 # 01a: LR baselines (Tables 1/3 LR rows; SparseGPT/Wanda tables' layout)
 register("pruning-baselines", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
-                         eval2_corpus=None, sweep_sparsities=(0.5, 0.7), epochs=4, batch_size=2, lr=1e-3,
-                         seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, sweep_sparsities=(0.5, 0.7), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
 # 01b: LR -> BR -> BR+GP -> BR+GP+CR (Tables 1/3, Fig. 3/5/6)
 register("pruning-reconstruction", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, heldout_nsamples=8,
-                         eval_windows=4, eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, seeds=(0, 1, 2),
-                         schemes=("LR", "BR", "BR+GP")),
+    "cpu": PruningPreset(**_CPU, seeds=(0, 1, 2), schemes=("LR", "BR", "BR+GP")),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
 # 01c: overfitting (Tables 2/4) -- calibration vs held-out error under budgets
 register("pruning-overfitting", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=16, calib_seqlen=256, eval_windows=4,
-                         eval2_corpus=None, batch_size=2, lr=1e-3, pruners=("wanda",),
-                         budgets=((4, 16), (16, 4)), budget_batch_size=1, seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, pruners=("wanda",), schemes=("LR", "BR", "BR+GP"), budgets=((2, 8), (8, 2)),
+                         budget_batch_size=1, seeds=(0,)),
     "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
 })
 
 # 01d: self-generated calibration data (Fig. 1b/4/7, App. C)
 register("pruning-selfgen", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
-                         eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, pruners=("wanda",),
-                         selfgen_sizes=(0, 16), selfgen_seqlen=256, seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, pruners=("wanda",), selfgen_sizes=(0, 8), selfgen_seqlen=256, seeds=(0,)),
     "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
 })
 
 # 01e: attention-only vs FFN-only vs all (Table 7), time/memory per scheme (Table 6)
 register("pruning-where", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(model="smollm2-135m", calib_nsamples=8, calib_seqlen=256, eval_windows=4,
-                         eval2_corpus=None, epochs=4, batch_size=2, lr=1e-3, pruners=("sparsegpt",),
-                         schemes=("LR", "BR+GP"), seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, pruners=("sparsegpt",), schemes=("LR", "BR+GP"), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
