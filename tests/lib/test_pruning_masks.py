@@ -199,3 +199,27 @@ def test_maskset_keeps_zeros_through_training():
     ms.verify()
     with pytest.raises(PruningError, match="bool"):
         MaskSet(lin, {"weight": mask.float()})
+
+
+# ------------------------------------------------------------------------------------------------ compensation
+def test_eora_minimises_activation_error():
+    from shrink.pruning.compensate import bias_compensation, eora_factors
+
+    X = _rand(200, 12, 20).float() * torch.linspace(0.1, 5, 12)
+    W = _rand(8, 12, 21).float()
+    Wc = W * magnitude_mask(W, parse_pattern("unstructured", 0.5))
+    dW = W - Wc
+    err = lambda D: float(((X @ D.T) ** 2).sum())  # noqa: E731
+    B, A = eora_factors(dW, X.T @ X, 8)
+    assert err(dW - B @ A) < 1e-6 * err(dW)  # full rank: exact
+    B, A = eora_factors(dW, X.T @ X, 2)
+    U, S, Vh = torch.linalg.svd(dW)
+    plain = (U[:, :2] * S[:2]) @ Vh[:2]
+    assert err(dW - B @ A) < err(dW - plain)  # activation-aware beats plain SVD at equal rank
+    # optimality against random rank-2 perturbations of the solution
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        P = (B + 1e-2 * torch.randn(8, 2, generator=g)) @ (A + 1e-3 * torch.randn(2, 12, generator=g))  # rank 2
+        assert err(dW - B @ A) <= err(dW - P) + 1e-6
+    b = bias_compensation(dW, X.mean(0))
+    assert torch.allclose((X @ dW.T - b).mean(0), torch.zeros(8), atol=1e-3)

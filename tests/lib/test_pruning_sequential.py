@@ -200,3 +200,24 @@ def test_self_generate_shapes_and_determinism(tiny):
     assert a.shape == (3, 16) and a.dtype == torch.long and torch.equal(a, b)
     assert not (a == tok.eos_token_id).any()
     assert looks_english("The cat sat") and not looks_english("def f(x): return 1")
+
+
+def test_compensation_on_tiny_model(tiny):
+    """EoRA at full rank restores the dense block outputs; bias compensation keeps sparse weights untouched."""
+    from shrink.pruning.compensate import compensate_model
+
+    model, ids, _ = tiny
+    m = copy.deepcopy(model)
+    res = prune_model(m, ids, PruneSpec(pruner="wanda"), verbose=False)
+    with torch.no_grad():
+        err = lambda mm: float(((mm(ids).logits - model(ids).logits) ** 2).mean())  # noqa: E731
+    base = err(m)
+    mb = copy.deepcopy(m)
+    info = compensate_model(mb, model, ids, bias=True)
+    assert info["extra_params"] == sum(l.out_features for b in M.decoder_blocks(m) for l in select_linears(b).values())
+    for name, mask in res.masks:
+        assert (mb.get_parameter(name)[~mask] == 0).all()
+    assert err(mb) < base
+    mf = copy.deepcopy(m)
+    compensate_model(mf, model, ids, rank=1000)  # full rank: B A = dW exactly
+    assert err(mf) < 1e-8 * max(base, 1e-30) + 1e-10

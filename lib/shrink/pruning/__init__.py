@@ -13,9 +13,12 @@ Minimization" (Shin, Park, Lee, Lee; EMNLP 2024) on top of SparseGPT (Frantar & 
 - :mod:`~shrink.pruning.reconstruct` BR / GP / CR training with fixed masks
 - :mod:`~shrink.pruning.metrics`     the normalised reconstruction error (App. A)
 - :mod:`~shrink.pruning.selfgen`     self-generated calibration data (App. C)
+- :mod:`~shrink.pruning.compensate`  EoRA low-rank and FLAP-style bias compensation (training-free)
+- :mod:`~shrink.pruning.experiment`  notebook glue: data of a preset, cached measurements
 - :mod:`~shrink.pruning.presets`     tiny / cpu / paper presets of the chapter's experiments
 """
 
+from .compensate import LowRankAdd, bias_compensation, compensate_model, eora_factors
 from .magnitude import magnitude_mask
 from .masks import MaskSet, Pattern, PruningError, check_mask, parse_pattern, score_mask
 from .metrics import block_error
@@ -24,9 +27,11 @@ from .sequential import (PRUNERS, SCHEMES, PruneResult, PruneSpec, dense_streams
                          select_linears)
 from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from .stats import InputStats, StatsCollector
+from .selfgen import looks_english, self_generate
 from .wanda import wanda_mask, wanda_scores
 
 __all__ = ["MaskSet", "Pattern", "PruningError", "check_mask", "parse_pattern", "score_mask", "magnitude_mask",
            "wanda_mask", "wanda_scores", "sparsegpt_prune", "inverse_hessian_factor", "InputStats",
            "StatsCollector", "ReconConfig", "reconstruct", "block_error", "PruneSpec", "PruneResult",
-           "prune_model", "dense_streams", "memory_estimate", "select_linears", "PRUNERS", "SCHEMES"]
+           "prune_model", "dense_streams", "memory_estimate", "select_linears", "PRUNERS", "SCHEMES",
+           "eora_factors", "bias_compensation", "compensate_model", "LowRankAdd", "self_generate", "looks_english"]

@@ -97,6 +97,11 @@ def measure(st: Setup, spec: PruneSpec, calib: torch.Tensor, *, extra: torch.Ten
         calib_tokens = calib.reshape(-1)
         out["ppl_calib"] = shrink_eval.perplexity(m, calib_tokens, calib.shape[1], dataset=c.calib_corpus,
                                                   split=c.calib_split).ppl
+    if c.zero_shot and st.scale == "paper":  # the paper's 7 tasks through lm-eval (needs internet)
+        from .. import env
+
+        out["zero_shot"] = (shrink_eval.zero_shot(m, st.tok) if env.online()
+                            else "not run: offline (SHRINK_ONLINE=1 needed for lm-eval task data)")
     if keep_model:
         out["_model"] = m
     return out
@@ -142,3 +147,28 @@ def self_generated(st: Setup, n: int, seed: int) -> torch.Tensor:
     key = {"model": c.model, "n": n, "seqlen": c.selfgen_seqlen, "seed": seed, "min_alpha": c.selfgen_min_alpha}
     return results.cached_tensors("selfgen", key, lambda: self_generate(st.model, st.tok, n, c.selfgen_seqlen,
                                                                         seed=seed, min_alpha=c.selfgen_min_alpha))
+
+
+def cached_compensated(st: Setup, pruner: str, seed: int, *, rank: int = 0, bias: bool = False) -> dict:
+    """LR-pruned model + EoRA (``rank``) and/or FLAP-style bias compensation; perplexities and extra parameters
+    (cached record)."""
+    from .compensate import compensate_model
+
+    c = st.cfg
+    spec = spec_for(c, pruner, "LR", seed=seed)
+    config = {"model": c.model, "calib": [c.calib_corpus, c.calib_split, c.calib_nsamples, c.calib_seqlen],
+              "eval": [c.eval_seqlen, c.eval_windows], "spec": spec.to_dict(), "seed": seed, "rank": rank,
+              "bias": bias}
+
+    def fn():
+        calib = st.calib(seed)
+        m = copy.deepcopy(st.model)
+        prune_model(m, calib, spec, verbose=False)
+        t0 = time.perf_counter()
+        info = compensate_model(m, st.model, calib, rank=rank, bias=bias)
+        info["compensate_seconds"] = round(time.perf_counter() - t0, 2)
+        info["ppl"] = shrink_eval.perplexity(m, st.eval_tokens, c.eval_seqlen, max_windows=c.eval_windows,
+                                             dataset="wikitext2", split="test").ppl
+        info["ppl_calib"] = shrink_eval.perplexity(m, calib.reshape(-1), calib.shape[1]).ppl
+        return info
+    return results.cached("compensated", config, fn, scale=st.scale, chapter=CHAPTER)

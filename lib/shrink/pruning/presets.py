@@ -80,14 +80,14 @@ _PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="tra
 # 01a: LR baselines (Tables 1/3 LR rows; SparseGPT/Wanda tables' layout)
 register("pruning-baselines", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU, sweep_sparsities=(0.5, 0.7), seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, patterns=("unstructured", "2:4"), sweep_sparsities=(0.5, 0.7), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
 # 01b: LR -> BR -> BR+GP -> BR+GP+CR (Tables 1/3, Fig. 3/5/6)
 register("pruning-reconstruction", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU, seeds=(0, 1, 2), schemes=("LR", "BR", "BR+GP")),
+    "cpu": PruningPreset(**_CPU, seeds=(0,), schemes=("LR", "BR", "BR+GP")),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
@@ -102,13 +102,14 @@ register("pruning-overfitting", {
 # 01d: self-generated calibration data (Fig. 1b/4/7, App. C)
 register("pruning-selfgen", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU, pruners=("wanda",), selfgen_sizes=(0, 8), selfgen_seqlen=256, seeds=(0,)),
+    "cpu": PruningPreset(**{**_CPU, "epochs": 1}, pruners=("wanda",), selfgen_sizes=(0, 8), selfgen_seqlen=256,
+                         seeds=(0,)),
     "paper": PruningPreset(**{**_PAPER_OPT, "model": "huggyllama/llama-7b"}),
 })
 
 # 01e: attention-only vs FFN-only vs all (Table 7), time/memory per scheme (Table 6)
 register("pruning-where", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU, pruners=("sparsegpt",), schemes=("LR", "BR+GP"), seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, pruners=("sparsegpt",), schemes=("LR",), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })

@@ -30,6 +30,7 @@ class InputStats:
     def __init__(self, in_features: int, hessian: bool):
         self.n = 0
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32)
+        self.sum = torch.zeros(in_features, dtype=torch.float32)
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
 
     @torch.no_grad()
@@ -41,8 +42,13 @@ class InputStats:
             x = x * token_weight.reshape(-1, 1).float().cpu().sqrt()
         self.n += x.shape[0]
         self.sq_norm += (x * x).sum(0)
+        self.sum += x.sum(0)
         if self.H is not None:
             self.H += x.T @ x
+
+    def mean(self) -> torch.Tensor:
+        """Mean input ``[d]`` (FLAP-style bias compensation)."""
+        return self.sum / max(self.n, 1)
 
     def hessian(self) -> torch.Tensor:
         """``H = 2/n X^T X`` fp32 ``[d, d]``."""
