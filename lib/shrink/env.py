@@ -67,14 +67,18 @@ def git_sha() -> str | None:
     return (sha + ("+dirty" if dirty else "")) or None
 
 
-def code_hash() -> str:
-    """sha256 (first 12 hex) of every ``.py`` file of the installed ``shrink`` package (paths + contents).
+def code_hash(packages: tuple[str, ...] | None = None) -> str:
+    """sha256 (first 12 hex) of the ``shrink`` source a result depends on (paths + contents).
 
+    The core (every top-level module of ``shrink`` and the ``ops`` package) always counts; ``packages``
+    names the chapter subpackages to add (e.g. ``("pruning",)``); ``None`` means every subpackage.
     Stored in every result record; :func:`shrink.results.cached` recomputes a record made by other code.
     """
     root = Path(__file__).resolve().parent
+    files = [p for p in root.rglob("*.py") if p.parent == root or p.relative_to(root).parts[0] == "ops"
+             or packages is None or p.relative_to(root).parts[0] in packages]
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(files):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]

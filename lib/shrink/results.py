@@ -37,6 +37,14 @@ from .errors import CacheCorruptError
 from .scales import SCALES
 
 SCHEMA = 1
+#: Chapter -> the subpackages its results depend on (besides the core); unknown chapters depend on all.
+CHAPTER_PACKAGES = {"00-start": (), "01-weights": ("pruning",), "02-bits": ("quant",), "03-tokens": ("tokens",),
+                    "04-data": ("selection",)}
+
+
+def chapter_code_hash(chapter: str) -> str:
+    """The code hash a record of ``chapter`` is compared against (core + the chapter's package)."""
+    return env.code_hash(CHAPTER_PACKAGES.get(chapter))
 
 
 def results_root() -> Path:
@@ -97,7 +105,7 @@ def save(name: str, config: dict, metrics: dict, *, scale: str, chapter: str, se
     path = record_path(name, config, scale=scale, chapter=chapter)
     record = {"schema": SCHEMA, "name": name, "scale": scale, "chapter": chapter, "key": config_key(config),
               "config": _jsonable(config), "metrics": _jsonable(metrics), "versions": env.versions(),
-              "git_sha": env.git_sha(), "code": env.code_hash(), "device": env.device_name(),
+              "git_sha": env.git_sha(), "code": chapter_code_hash(chapter), "device": env.device_name(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds}
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
@@ -127,10 +135,11 @@ def cached(name: str, config: dict, fn: Callable[[], dict], *, scale: str, chapt
     path = record_path(name, config, scale=scale, chapter=chapter)
     if path.exists() and os.environ.get("SHRINK_RECOMPUTE") != "1":
         record = load(path)
-        if record.get("code") == env.code_hash() or os.environ.get("SHRINK_REUSE_STALE") == "1":
+        current = chapter_code_hash(chapter)
+        if record.get("code") == current or os.environ.get("SHRINK_REUSE_STALE") == "1":
             return record["metrics"]
         print(f"[shrink.results] {path.name} was computed by other shrink code ({record.get('code')} != "
-              f"{env.code_hash()}): recomputing.")
+              f"{current}): recomputing.")
     t0 = time.perf_counter()
     metrics = fn()
     save(name, config, metrics, scale=scale, chapter=chapter, seconds=round(time.perf_counter() - t0, 3))

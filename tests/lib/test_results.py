@@ -89,3 +89,11 @@ def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
     monkeypatch.delenv("SHRINK_REUSE_STALE")
     assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="tiny", chapter="t") == {"v": 2}
     assert "recomputing" in capsys.readouterr().out
+
+
+def test_code_hash_is_scoped_per_chapter():
+    from shrink import env
+
+    weights, bits = results.chapter_code_hash("01-weights"), results.chapter_code_hash("02-bits")
+    assert weights != bits and len(weights) == 12
+    assert env.code_hash(("pruning",)) == weights and env.code_hash(None) == results.chapter_code_hash("99-new")

@@ -38,6 +38,7 @@ class PruningPreset(Preset):
     schemes: tuple = SCHEMES
     patterns: tuple = ("unstructured", "2:4", "4:8")
     sweep_sparsities: tuple = (0.3, 0.5, 0.7)
+    sweep_pruners: tuple = PRUNERS
     epochs: int = 10
     batch_size: int = 8
     lr: float = 2e-4
@@ -80,7 +81,8 @@ _PAPER_OPT = dict(model="facebook/opt-125m", calib_corpus="c4", calib_split="tra
 # 01a: LR baselines (Tables 1/3 LR rows; SparseGPT/Wanda tables' layout)
 register("pruning-baselines", {
     "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU, patterns=("unstructured", "2:4"), sweep_sparsities=(0.5, 0.7), seeds=(0,)),
+    "cpu": PruningPreset(**_CPU, patterns=("unstructured", "2:4"), sweep_sparsities=(0.5, 0.7),
+                         sweep_pruners=("magnitude", "wanda"), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 

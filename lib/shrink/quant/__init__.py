@@ -14,7 +14,7 @@ from .quantizer import QuantError, QuantSpec, fake_quant, qparams, quant_error, 
 from .fakequant import (QuantLinear, calibrate, decoder_linears, largest_static_range, quant_linears,  # noqa: F401
                         quantized, static_ranges, unwrap_model, wrap_model)
 from .smoothquant import act_scales, smooth_model  # noqa: F401
-from .cushioncache import (LQ_SPEC, LqRecorder, SearchResult, candidate_lq, greedy_search, prefixquant_tokens,  # noqa: F401
-                           prerank_vocab, search_throughput, shortlist, text_lq, tune_prefix)
+from .cushioncache import (LQ_SPEC, LqRecorder, SearchResult, candidate_lq, greedy_search,  # noqa: F401
+                           prefixquant_tokens, prerank_vocab, search_throughput, shortlist, text_lq, tune_prefix)
 from . import diagnostics, presets  # noqa: F401
 from .presets import cushioncache_paper, qllm_eval, smoothquant_code, smoothquant_level  # noqa: F401

@@ -86,7 +86,8 @@ class LqRecorder:
             raise QuantError(f"grad must be one of {ROUNDING_GRADS}, got {grad!r}")
         if spec.static:
             raise QuantError("L_q computes its scales from the text (or from `ranges`); pass a dynamic spec")
-        self.model, self.spec, self.target, self.skip, self.grad, self.ranges = model, spec, target, skip_first, grad, ranges
+        self.model, self.spec, self.target = model, spec, target
+        self.skip, self.grad, self.ranges = skip_first, grad, ranges
         self.lq: torch.Tensor | float = 0.0
         self.maxabs: torch.Tensor | float = 0.0
         self.n_tokens = 0
@@ -351,7 +352,8 @@ def prefixquant_tokens(model: nn.Module, calib_ids: torch.Tensor, *, eta: float 
     if not lins:
         raise QuantError(f"no decoder linear named *{linear}; use e.g. down_proj (LLaMA) or fc2 (OPT)")
     flags = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a: flags.append(a[0].detach().abs().amax(-1).reshape(1, -1))) for m in lins.values()]
+    hooks = [m.register_forward_pre_hook(lambda _m, a: flags.append(a[0].detach().abs().amax(-1).reshape(1, -1)))
+             for m in lins.values()]
     try:
         for row in calib_ids:
             flags.clear()

@@ -1,6 +1,6 @@
 """Outlier diagnostics: massive activations, attention sinks, per-linear-input statistics, kurtosis.
 
-Extends :func:`shrink.probe.residual_stats` (which has no prefix option) with:
+Builds on :func:`shrink.probe.residual_stats` (re-exported here; it takes ``prefix=``) with:
 
 * :func:`residual_stats` — the same per-layer top-1/2/3/median of ``hidden_states[l]``, on text positions
   only, optionally after a :class:`~shrink.models.KVPrefix` (CushionCache Fig. 2 analogue).
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models import KVPrefix, decoder_blocks
+from ..probe import magnitude_stats, residual_stats  # noqa: F401 - re-exported
 from .fakequant import decoder_linears
 
 
@@ -33,29 +34,6 @@ def _kw(prefix: KVPrefix | None, b: int) -> dict:
     return {} if prefix is None else {"past_key_values": prefix.cache(b), "use_cache": True}
 
 
-def _top3_median(a: torch.Tensor) -> dict:
-    """``a``: |x| as ``[B, T, D]`` -> top1/2/3, median, token, channel."""
-    flat = a.reshape(-1)
-    top = flat.topk(3).values
-    idx = int(flat.argmax())
-    d, t = a.shape[-1], a.shape[-2]
-    return {"top1": float(top[0]), "top2": float(top[1]), "top3": float(top[2]), "median": float(flat.median()),
-            "token": (idx // d) % t, "channel": idx % d}
-
-
-@torch.no_grad()
-def residual_stats(model: nn.Module, ids: torch.Tensor, prefix: KVPrefix | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer stats of ``hidden_states[l]`` (l = 0..L) on the text positions of ``ids`` ``[B, T]``.
-
-    Returns float tensors ``[L+1]`` ``top1, top2, top3, median, ratio`` and int ``token, channel``.
-    """
-    hs = model(input_ids=ids, output_hidden_states=True, **_kw(prefix, ids.shape[0])).hidden_states
-    rows = [_top3_median(h.abs().float()) for h in hs]
-    out = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
-    out["ratio"] = out["top1"] / out["median"]
-    return out
-
-
 @torch.no_grad()
 def linear_input_stats(model: nn.Module, ids: torch.Tensor, prefix: KVPrefix | None = None) -> dict[str, dict]:
     """``{linear name: {top1, top2, top3, median, ratio, kurtosis, token, channel}}`` of every decoder-linear
@@ -65,7 +43,7 @@ def linear_input_stats(model: nn.Module, ids: torch.Tensor, prefix: KVPrefix | N
     for name, lin in decoder_linears(model).items():
         def hook(_m, args, name=name):
             a = args[0].detach().float()
-            r = _top3_median(a.abs())
+            r = magnitude_stats(a.abs())
             r["ratio"] = r["top1"] / max(r["median"], 1e-12)
             r["kurtosis"] = kurtosis(a)
             stats[name] = r

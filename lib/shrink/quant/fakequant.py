@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import KVPrefix, decoder_blocks
-from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
+from .quantizer import QuantError, QuantSpec, fake_quant, qparams
 
 
 class QuantLinear(nn.Module):

@@ -149,7 +149,8 @@ def paper_preset(model: str) -> BitsPreset:
 register("bits", {
     "tiny": BitsPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64, w_group_size=32,
                        probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
-                       max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3, tune_seqlen=32, tune_nsamples=4,
+                       max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3,
+                       tune_seqlen=32, tune_nsamples=4,
                        tune_val_nsamples=2, tune_lr=1e-2),
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
