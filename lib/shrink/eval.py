@@ -115,11 +115,12 @@ ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 
 
 def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size: int = 8, limit: int | None = None,
-              num_fewshot: int = 0) -> dict:
+              num_fewshot: int = 0, prefix: KVPrefix | None = None) -> dict:
     """Zero-shot accuracy through ``lm-eval`` (EleutherAI harness) wrapping the in-memory model with HFLM.
 
     Paper scale only: lm-eval downloads its task data, so it needs ``SHRINK_ONLINE=1`` and
-    ``pip install -e .[eval]``.
+    ``pip install -e .[eval]``. With ``prefix`` every request starts from the key/value prefix
+    (:class:`shrink.models.PrefixedLM`), as CushionCache's Table 2 evaluates.
 
     Returns:
         ``{"tasks": {task: {"acc": float, "acc_norm": float|None}}, "mean_acc": float, "lm_eval": version,
@@ -135,7 +136,10 @@ def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size:
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
         raise ShrinkError("zero-shot evaluation needs lm-eval: `pip install -e .[eval]`.") from exc
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from .models import PrefixedLM
+
+    lm = HFLM(pretrained=model if prefix is None else PrefixedLM(model, prefix), tokenizer=tokenizer,
+              batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
     per_task = {}
     for task in tasks:
@@ -143,4 +147,5 @@ def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size:
         acc = r.get("acc,none", r.get("acc"))
         per_task[task] = {"acc": float(acc), "acc_norm": r.get("acc_norm,none", r.get("acc_norm"))}
     mean = sum(t["acc"] for t in per_task.values()) / len(per_task)
-    return {"tasks": per_task, "mean_acc": mean, "lm_eval": getattr(lm_eval, "__version__", "?"), "limit": limit}
+    return {"tasks": per_task, "mean_acc": mean, "lm_eval": getattr(lm_eval, "__version__", "?"), "limit": limit,
+            "prefix_len": 0 if prefix is None else prefix.length}

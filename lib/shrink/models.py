@@ -464,3 +464,38 @@ class KVPrefix:
         except Exception as exc:  # noqa: BLE001
             raise CacheCorruptError(f"cannot read the prefix file {path} ({exc}); delete it and rebuild it.") from exc
         return cls(state["keys"], state["values"], state.get("token_ids"))
+
+
+class PrefixedLM(nn.Module):
+    """A causal LM whose every forward starts from a :class:`KVPrefix` (fresh cache per call).
+
+    For harnesses that call ``model(input_ids).logits`` (lm-eval's HFLM): logits are those of the text
+    positions only, ``[B, T, V]``, exactly as if the prefix tokens were prepended (the test suite checks it).
+    ``config``, ``device`` and ``dtype`` are the wrapped model's.
+    """
+
+    def __init__(self, model: nn.Module, prefix: KVPrefix):
+        super().__init__()
+        self.model, self.prefix = model, prefix
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        b = input_ids.shape[0]
+        if attention_mask is not None:  # the prefix positions are always attended to
+            ones = attention_mask.new_ones(b, self.prefix.length)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("use_cache", None)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          past_key_values=self.prefix.cache(b), use_cache=True, **kwargs)
+
+    def tie_weights(self):  # called by some harnesses; the wrapped model is already built
+        return None

@@ -116,3 +116,17 @@ def test_corrupt_model_cache_names_the_folder(tmp_path, monkeypatch):
 
     with pytest.raises(CacheCorruptError, match=str(folder)):
         models.load("smollm2-135m")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_prefixed_lm_equals_prepended_tokens(name):
+    model, _ = models.load(name)
+    prefix = models.KVPrefix.from_tokens(model, [7, 8, 9, 10])
+    wrapped = models.PrefixedLM(model, prefix)
+    ids = torch.randint(0, 256, (3, 15), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(torch.cat([torch.tensor([[7, 8, 9, 10]] * 3), ids], 1)).logits[:, 4:]
+        out = wrapped(ids).logits
+        masked = wrapped(ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(masked, ref, atol=1e-5)
+    assert wrapped.config is model.config and wrapped.device == torch.device("cpu")
