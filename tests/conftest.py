@@ -20,6 +20,17 @@ def _isolated_results(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: the CI machine's 2 cores are shared by pytest-xdist workers; more threads are slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def data_dir():
     path = os.environ.get("SHRINK_DATA")
     if not path:

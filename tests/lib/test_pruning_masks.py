@@ -7,12 +7,7 @@ from shrink.pruning import (MaskSet, PruningError, check_mask, magnitude_mask, p
                             wanda_mask)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(rows, cols, seed):

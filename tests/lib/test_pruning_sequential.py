@@ -11,13 +11,7 @@ from shrink.pruning import (PRUNERS, PruneSpec, PruningError, ReconConfig, Stats
                             dense_streams, parse_pattern, prune_model, select_linears)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: the CI machine's cores are shared; several threads under contention are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
