@@ -41,3 +41,11 @@ def test_validation_rejects_bad_values():
     with pytest.raises(scales.PresetError, match="missing"):
         scales.register("x", {"tiny": _P(model="m")})
     assert _P(model="m").with_(nsamples=4).nsamples == 4
+
+
+def test_pruning_preset_rejects_unknown_cr_pruner():
+    """cr_pruners (01b's BR+GP+CR rows) is checked like pruners: a typo fails before hours of compute."""
+    cfg = scales.get("pruning-reconstruction", "cpu")
+    assert set(cfg.cr_pruners) <= set(cfg.pruners) and len(cfg.seeds) >= 3
+    with pytest.raises(scales.PresetError, match="bogus"):
+        cfg.with_(cr_pruners=("bogus",))
