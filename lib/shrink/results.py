@@ -10,9 +10,11 @@ config hash exists, else runs ``fn()`` and writes the record **atomically** (tem
 interrupted ``make run`` resumes where it stopped and never leaves a half-written record. Tensors (pruned
 weights, activation caches) go through ``cached_tensors`` into ``$SHRINK_CACHE``, not into ``results/``.
 
-Every record stores ``code``, a hash of the ``shrink`` package's source. A record made by other code is
-**not** reused: ``cached`` says so and recomputes (``SHRINK_REUSE_STALE=1`` reuses it anyway, e.g. to render
-the book from committed records; the record keeps its own ``code`` and ``git_sha``).
+Every record stores ``code``, a hash of the ``shrink`` package's source. What happens to a record made by
+other code depends on the scale (``stale_policy``): at ``tiny`` (cheap, never committed) it is recomputed;
+at ``cpu`` and ``paper`` (committed, hours to recompute) it is **reused and announced** — the record keeps
+its own ``code`` and ``git_sha``, and the book's results page lists such records. ``SHRINK_STALE=recompute``
+recomputes them, ``SHRINK_STALE=reuse`` reuses them at every scale.
 Set ``SHRINK_RECOMPUTE=1`` to ignore existing records (they are overwritten only when the new run finishes).
 
 Introduced in: notebooks/00-start/00-tour.md
@@ -123,6 +125,17 @@ def load(path: str | Path) -> dict:
     return record
 
 
+def stale_policy(scale: str) -> str:
+    """``"reuse"`` or ``"recompute"`` for a record made by other code: ``$SHRINK_STALE`` if set (the old
+    ``SHRINK_REUSE_STALE=1`` means ``reuse``), else recompute at ``tiny`` and reuse (announced) elsewhere."""
+    value = os.environ.get("SHRINK_STALE") or ("reuse" if os.environ.get("SHRINK_REUSE_STALE") == "1" else "")
+    if value not in ("", "reuse", "recompute"):
+        from .errors import ShrinkError
+
+        raise ShrinkError(f"SHRINK_STALE={value!r}: use 'reuse' or 'recompute' (or leave it unset).")
+    return value or ("recompute" if scale == "tiny" else "reuse")
+
+
 def cached(name: str, config: dict, fn: Callable[[], dict], *, scale: str, chapter: str) -> dict:
     """Return the metrics of a stored run of ``fn`` with this ``config``, or run it and store them.
 
@@ -136,7 +149,11 @@ def cached(name: str, config: dict, fn: Callable[[], dict], *, scale: str, chapt
     if path.exists() and os.environ.get("SHRINK_RECOMPUTE") != "1":
         record = load(path)
         current = chapter_code_hash(chapter)
-        if record.get("code") == current or os.environ.get("SHRINK_REUSE_STALE") == "1":
+        if record.get("code") == current:
+            return record["metrics"]
+        if stale_policy(scale) == "reuse":
+            print(f"[shrink.results] {path.name} was computed by other shrink code ({record.get('code')} != "
+                  f"{current}): reused (SHRINK_STALE=recompute recomputes it).")
             return record["metrics"]
         print(f"[shrink.results] {path.name} was computed by other shrink code ({record.get('code')} != "
               f"{current}): recomputing.")

@@ -91,6 +91,18 @@ def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
     assert "recomputing" in capsys.readouterr().out
 
 
+def test_stale_cpu_record_is_reused_and_announced(monkeypatch, capsys):
+    results.cached("c", {"a": 1}, lambda: {"v": 1}, scale="cpu", chapter="t")
+    path = results.record_path("c", {"a": 1}, scale="cpu", chapter="t")
+    rec = json.loads(path.read_text())
+    rec["code"] = "000000000000"
+    path.write_text(json.dumps(rec))
+    assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="cpu", chapter="t") == {"v": 1}
+    assert "reused" in capsys.readouterr().out
+    monkeypatch.setenv("SHRINK_STALE", "recompute")
+    assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="cpu", chapter="t") == {"v": 2}
+
+
 def test_code_hash_is_scoped_per_chapter():
     from shrink import env
 
