@@ -149,3 +149,129 @@ def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size:
     mean = sum(t["acc"] for t in per_task.values()) / len(per_task)
     return {"tasks": per_task, "mean_acc": mean, "lm_eval": getattr(lm_eval, "__version__", "?"), "limit": limit,
             "prefix_len": 0 if prefix is None else prefix.length}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Numbers with their noise (issue 9): a measurement repeated over seeds / perturbations / calibration draws.
+# --------------------------------------------------------------------------------------------------------------
+
+def _plural(kind: str, n: int) -> str:
+    if n == 1:
+        return kind[:-1] if kind.endswith("s") else kind
+    return kind if kind.endswith("s") else kind + "s"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One quantity measured ``n`` times under a named source of noise.
+
+    ``values`` are the ``n`` measurements (floats, in the order of ``seeds``); ``kind`` names what varied
+    between them: ``"seeds"``, ``"range perturbation"`` (every calibrated range scaled by ``1 + eps*u``),
+    ``"calibration draws"``, ``"kernel set"``, ... ``seeds`` optionally records which seed gave which value.
+
+    ``std`` is the sample standard deviation (``ddof=1``; 0 for ``n == 1``). ``lo``/``hi`` are min/max: the
+    interval :func:`separated` compares. ``float(spread)`` is the mean, so a Spread can stand where a number
+    is expected (tables, asserts on the mean).
+    """
+
+    values: tuple
+    kind: str = "seeds"
+    seeds: tuple = ()
+
+    def __post_init__(self):
+        from .errors import ShrinkError
+
+        vals = tuple(float(v) for v in self.values)
+        if not vals:
+            raise ShrinkError("Spread needs at least one value; pass the measurements, e.g. "
+                              "Spread([34.4, 34.0, 34.8], kind='range perturbation').")
+        if any(math.isnan(v) for v in vals):
+            raise ShrinkError(f"Spread values contain NaN ({vals}); fix the measurement that produced it "
+                              "instead of averaging it away.")
+        if self.seeds and len(self.seeds) != len(vals):
+            raise ShrinkError(f"Spread got {len(vals)} values but {len(self.seeds)} seeds; pass one seed per "
+                              "value (or none).")
+        object.__setattr__(self, "values", vals)
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return math.fsum(self.values) / self.n
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(math.fsum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+    @property
+    def lo(self) -> float:
+        return min(self.values)
+
+    @property
+    def hi(self) -> float:
+        return max(self.values)
+
+    @property
+    def width(self) -> float:
+        """``hi - lo`` (the full range)."""
+        return self.hi - self.lo
+
+    @property
+    def rel_width(self) -> float:
+        """``(hi - lo) / |mean|``: the range as a fraction of the mean."""
+        return self.width / abs(self.mean) if self.mean else math.inf
+
+    def map(self, fn) -> "Spread":
+        """The same draws through ``fn`` (e.g. ``math.log`` for log-perplexity); keeps kind and seeds."""
+        return Spread(tuple(fn(v) for v in self.values), self.kind, self.seeds)
+
+    def fmt(self, digits: int = 1) -> str:
+        """``"34.4 ± 0.4 [34.0, 34.8], n=3 range perturbations"`` (mean ± std [min, max], n and kind)."""
+        d = digits
+        if self.n == 1:
+            return f"{self.mean:.{d}f} (n=1 {_plural(self.kind, 1)})"
+        return (f"{self.mean:.{d}f} ± {self.std:.{d}f} [{self.lo:.{d}f}, {self.hi:.{d}f}], "
+                f"n={self.n} {_plural(self.kind, self.n)}")
+
+    def to_dict(self) -> dict:
+        return {"values": list(self.values), "kind": self.kind, "seeds": list(self.seeds), "mean": self.mean,
+                "std": self.std, "lo": self.lo, "hi": self.hi, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Spread":
+        return cls(tuple(d["values"]), d.get("kind", "seeds"), tuple(d.get("seeds", ())))
+
+    def __float__(self) -> float:
+        return self.mean
+
+    def __str__(self) -> str:
+        return self.fmt()
+
+
+def spread(fn, seeds, *, kind: str = "seeds") -> Spread:
+    """Call ``fn(seed)`` for every seed and return the :class:`Spread` of the (float) results.
+
+    ``fn`` may return anything ``float()`` accepts (a :class:`Perplexity` gives its perplexity).
+    """
+    seeds = tuple(seeds)
+    if not seeds:
+        from .errors import ShrinkError
+
+        raise ShrinkError("spread() got no seeds; pass e.g. seeds=range(3).")
+    return Spread(tuple(float(fn(s)) for s in seeds), kind, seeds)
+
+
+def separated(a: Spread, b: Spread) -> bool:
+    """True when the intervals ``[a.lo, a.hi]`` and ``[b.lo, b.hi]`` do not overlap (touching counts as overlap).
+
+    Plain numbers are accepted as one-point intervals.
+    """
+    a_lo, a_hi = (a.lo, a.hi) if isinstance(a, Spread) else (float(a), float(a))
+    b_lo, b_hi = (b.lo, b.hi) if isinstance(b, Spread) else (float(b), float(b))
+    return a_hi < b_lo or b_hi < a_lo

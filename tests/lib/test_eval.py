@@ -62,3 +62,54 @@ def test_perplexity_bad_input():
         eval.perplexity(model, torch.zeros(2, 100, dtype=torch.long), 10, progress=False)
     with pytest.raises(ValueError, match="no full window"):
         eval.perplexity(model, torch.arange(50), 64, progress=False)
+
+
+# ---- Spread (numbers with their noise) ----------------------------------------------------------------------
+
+def test_spread_of_deterministic_fn_is_zero():
+    s = eval.spread(lambda seed: 34.25, range(5), kind="range perturbation")
+    assert s.n == 5 and s.std == 0.0 and s.lo == s.hi == s.mean == 34.25 and s.width == 0.0
+    assert s.seeds == (0, 1, 2, 3, 4)
+    assert s.fmt(2) == "34.25 ± 0.00 [34.25, 34.25], n=5 range perturbations"
+
+
+def test_spread_statistics_match_naive():
+    vals = [34.42, 34.00, 34.83]
+    s = eval.Spread(vals, kind="range perturbation")
+    m = sum(vals) / 3
+    assert math.isclose(s.mean, m)
+    assert math.isclose(s.std, math.sqrt(sum((v - m) ** 2 for v in vals) / 2))
+    assert (s.lo, s.hi, s.n) == (34.00, 34.83, 3)
+    assert float(s) == s.mean
+    assert s.fmt(1) == "34.4 ± 0.4 [34.0, 34.8], n=3 range perturbations"
+    assert eval.Spread([1.0], kind="seeds").fmt(1) == "1.0 (n=1 seed)"
+    logs = s.map(math.log)
+    assert logs.values == tuple(math.log(v) for v in vals) and logs.kind == s.kind
+    assert eval.Spread.from_dict(s.to_dict()) == s
+
+
+def test_spread_calls_fn_with_each_seed():
+    seen = []
+    s = eval.spread(lambda seed: seen.append(seed) or seed * 2.0, [3, 1, 2], kind="seeds")
+    assert seen == [3, 1, 2] and s.values == (6.0, 2.0, 4.0)
+
+
+def test_separated_intervals():
+    a = eval.Spread([1.0, 2.0])
+    assert eval.separated(a, eval.Spread([2.5, 3.0]))
+    assert eval.separated(eval.Spread([2.5, 3.0]), a)
+    assert not eval.separated(a, eval.Spread([1.5, 3.0]))     # overlap
+    assert not eval.separated(a, eval.Spread([2.0, 3.0]))     # touching counts as overlap
+    assert not eval.separated(a, eval.Spread([0.0, 5.0]))     # containment
+    assert eval.separated(a, 2.1) and not eval.separated(a, 1.5)
+
+
+def test_spread_bad_input_names_fix():
+    from shrink.errors import ShrinkError
+
+    with pytest.raises(ShrinkError, match="at least one value"):
+        eval.Spread([])
+    with pytest.raises(ShrinkError, match="NaN"):
+        eval.Spread([1.0, float("nan")])
+    with pytest.raises(ShrinkError, match="seeds"):
+        eval.spread(lambda s: 1.0, [])
