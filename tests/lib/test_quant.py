@@ -192,3 +192,66 @@ def test_presets_conventions():
         Q.smoothquant_code("static")
     with pytest.raises(QuantError):
         Q.smoothquant_level("O4")
+
+
+# ---- range perturbation (issue 9: the conditioning probe) -----------------------------------------------------
+
+def test_perturb_ranges_static_exact_factors_and_reproducible(tiny):
+    model, _ = tiny
+    ids = _ids(2, 16, seed=5)
+    w, a = Q.cushioncache_paper("static", w_group_size=32)
+    with Q.quantized(model, w, a, calib_ids=ids) as m:
+        base = {n: (q.lo.clone(), q.hi.clone()) for n, q in Q.quant_linears(m).items()}
+        ref = m(ids).logits
+    eps = 1e-3
+    with Q.quantized(model, w, a, ranges=base) as m:                 # reused ranges == fresh calibration
+        assert torch.equal(m(ids).logits, ref)
+        facs = Q.perturb_ranges(m, eps, seed=7)
+        got = {n: (q.lo.clone(), q.hi.clone()) for n, q in Q.quant_linears(m).items()}
+    # naive: same generator order, lo then hi per layer
+    gen = torch.Generator().manual_seed(7)
+    for n, (lo, hi) in base.items():
+        f_lo = 1 + eps * (torch.rand(lo.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+        f_hi = 1 + eps * (torch.rand(hi.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+        assert torch.equal(facs[n][0], f_lo) and torch.equal(facs[n][1], f_hi)
+        assert torch.equal(got[n][0], (lo.double() * f_lo).float()) and torch.equal(got[n][1], (hi.double() * f_hi).float())
+        assert ((got[n][1] / hi - 1).abs() <= eps * 1.001).all()
+    with Q.quantized(model, w, a, ranges=base, perturb=(eps, 7)) as m:   # the context-manager path is the same
+        assert all(torch.equal(q.hi, got[n][1]) for n, q in Q.quant_linears(m).items())
+    with Q.quantized(model, w, a, ranges=base, perturb=(eps, 8)) as m:
+        assert any(not torch.equal(q.hi, got[n][1]) for n, q in Q.quant_linears(m).items())
+    with Q.quantized(model, w, a, ranges=base, perturb=(0.0, 7)) as m:   # eps = 0 is the identity
+        assert torch.equal(m(ids).logits, ref)
+    assert base["0.mlp.down_proj"][1] is not got["0.mlp.down_proj"][1]  # the ranges dict was not modified
+
+
+def test_perturb_ranges_dynamic_uses_jitter(tiny):
+    model, _ = tiny
+    ids = _ids(2, 16, seed=6)
+    for act in ("dynamic", "token"):
+        w, a = Q.cushioncache_paper(act, w_group_size=32)
+        with Q.quantized(model, w, a) as m:
+            ref = m(ids).logits
+        with Q.quantized(model, w, a, perturb=(0.0, 3)) as m:          # factors exactly 1: same function
+            assert all(q.range_jitter == (1.0, 1.0) for q in Q.quant_linears(m).values())
+            assert torch.equal(m(ids).logits, ref)
+        x = torch.randn(3, 5, 64) * 4
+        with Q.quantized(model, w, a, perturb=(0.05, 3)) as m:
+            q = Q.quant_linears(m)["0.self_attn.q_proj"]
+            f_lo, f_hi = q.range_jitter
+            assert f_lo != 1.0 and abs(f_lo - 1) <= 0.05 and abs(f_hi - 1) <= 0.05
+            lo, hi = Q.range_of(x, a)
+            s, z = Q.qparams(lo * f_lo, hi * f_hi, a)                  # naive: scale the dynamic range
+            assert torch.equal(q.quantize_input(x), Q.fake_quant(x, a, s, z))
+
+
+def test_perturb_and_ranges_bad_input(tiny):
+    model, _ = tiny
+    w, a = Q.cushioncache_paper("static", w_group_size=32)
+    with pytest.raises(QuantError, match="eps"):
+        with Q.quantized(model, w, a, calib_ids=_ids(1, 8), perturb=(-1e-6, 0)):
+            pass
+    with pytest.raises(QuantError, match="do not match"):
+        with Q.quantized(model, w, a, ranges={}):
+            pass
+    assert not Q.quant_linears(model)                                   # unwrapped after the error

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import KVPrefix, decoder_blocks
-from .quantizer import QuantError, QuantSpec, fake_quant, qparams
+from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
 
 
 class QuantLinear(nn.Module):
@@ -51,6 +51,7 @@ class QuantLinear(nn.Module):
         self._skip_first = 0
         self._batch = 1
         self._obs: dict = {}
+        self.range_jitter: tuple[float, float] | None = None  # dynamic ranges: (lo, hi) factors, see perturb_ranges
         self.refresh_weight()
 
     @property
@@ -111,6 +112,10 @@ class QuantLinear(nn.Module):
                 raise QuantError(f"{self.name}: static activation quantizer is not calibrated; call "
                                  "shrink.quant.calibrate(model, calibration_ids) first")
             s, z = qparams(self.lo, self.hi, spec)
+            return fake_quant(x, spec, s, z)
+        if self.range_jitter is not None:  # dynamic range, scaled by the perturbation factors
+            lo, hi = range_of(x, spec)
+            s, z = qparams(lo * self.range_jitter[0], hi * self.range_jitter[1], spec)
             return fake_quant(x, spec, s, z)
         return fake_quant(x, spec)
 
@@ -187,14 +192,27 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
 
 @contextlib.contextmanager
 def quantized(model: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None, *,
-              calib_ids: torch.Tensor | None = None, prefix: KVPrefix | None = None, exclude=(), batch_size=1):
-    """Context manager: wrap, calibrate if ``a_spec.static`` (on ``calib_ids`` with ``prefix``), unwrap."""
+              calib_ids: torch.Tensor | None = None, prefix: KVPrefix | None = None, exclude=(), batch_size=1,
+              ranges: dict | None = None, perturb: tuple[float, int] | None = None):
+    """Context manager: wrap, calibrate if ``a_spec.static`` (on ``calib_ids`` with ``prefix``), unwrap.
+
+    Args:
+        ranges: ``{name: (lo, hi)}`` from an earlier :func:`calibrate` with the same model, specs and data:
+            used instead of calibrating again (copies; the dict is not modified).
+        perturb: ``(eps, seed)``: after calibration, :func:`perturb_ranges` scales every range by
+            ``1 + eps*u`` (None: off).
+    """
     wrap_model(model, w_spec, a_spec, exclude=exclude)
     try:
         if a_spec is not None and a_spec.static:
-            if calib_ids is None:
-                raise QuantError("static activation quantization needs calib_ids (int64 [n, L])")
-            calibrate(model, calib_ids, prefix=prefix, batch_size=batch_size)
+            if ranges is not None:
+                set_ranges(model, ranges)
+            else:
+                if calib_ids is None:
+                    raise QuantError("static activation quantization needs calib_ids (int64 [n, L])")
+                calibrate(model, calib_ids, prefix=prefix, batch_size=batch_size)
+        if perturb is not None:
+            perturb_ranges(model, *perturb)
         yield model
     finally:
         unwrap_model(model)
@@ -250,3 +268,52 @@ def largest_static_range(model: nn.Module) -> tuple[str, float]:
         raise QuantError("no calibrated static ranges; call calibrate() first")
     name = max(r, key=r.get)
     return name, r[name]
+
+
+def set_ranges(model: nn.Module, ranges: dict) -> None:
+    """Install static ranges ``{name: (lo, hi)}`` (as returned by :func:`calibrate`) on the wrapped linears."""
+    mods = {n: m for n, m in quant_linears(model).items() if m.a_spec is not None and m.a_spec.static}
+    if set(mods) != set(ranges):
+        missing, extra = sorted(set(mods) - set(ranges)), sorted(set(ranges) - set(mods))
+        raise QuantError(f"ranges do not match the wrapped static linears (missing {missing[:3]}, extra "
+                         f"{extra[:3]}); calibrate this model with the same specs and exclude= first")
+    for n, m in mods.items():
+        lo, hi = ranges[n]
+        m.lo, m.hi = lo.clone(), hi.clone()
+
+
+def perturb_ranges(model: nn.Module, eps: float, seed: int) -> dict[str, tuple]:
+    """Scale every quantization range by ``1 + eps*u``, ``u ~ U(-1, 1)``: a conditioning probe (issue 9).
+
+    Static quantizers: every calibrated ``lo`` and ``hi`` element is multiplied by its own factor
+    (``lo * (1 + eps*u_lo)``, ``hi * (1 + eps*u_hi)``; computed in float64, stored fp32). Dynamic quantizers:
+    the range computed from each input is multiplied by one pair of per-layer factors (``range_jitter``),
+    so dynamic numbers are probed by the same perturbation. Draws come from ``torch.Generator`` seeded with
+    ``seed``, layer by layer in :func:`quant_linears` order (two scalars per dynamic layer, one per range
+    element per static layer), so ``(eps, seed)`` fixes the perturbation exactly. ``eps = 1e-6`` is ~8 fp32
+    ulps: a result that moves under it is decided by float rounding, not by the method.
+
+    Returns:
+        ``{name: (factor_lo, factor_hi)}`` (tensors for static, floats for dynamic layers).
+    """
+    if not (eps >= 0.0 and eps < 0.5):
+        raise QuantError(f"perturbation eps must be in [0, 0.5) (a relative range change, e.g. 1e-6), got {eps!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for name, m in quant_linears(model).items():
+        spec = m.a_spec
+        if spec is None:
+            continue
+        if spec.static:
+            if m.lo is None:
+                raise QuantError(f"{name}: perturb_ranges needs calibrated ranges; call calibrate() first")
+            f_lo = 1.0 + eps * (torch.rand(m.lo.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+            f_hi = 1.0 + eps * (torch.rand(m.hi.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+            m.lo = (m.lo.double() * f_lo).to(m.lo.dtype)
+            m.hi = (m.hi.double() * f_hi).to(m.hi.dtype)
+        else:
+            u = torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1
+            f_lo, f_hi = (1.0 + eps * float(u[0]), 1.0 + eps * float(u[1]))
+            m.range_jitter = (f_lo, f_hi)
+        out[name] = (f_lo, f_hi)
+    return out
