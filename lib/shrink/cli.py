@@ -1,10 +1,18 @@
-"""The ``shrink`` command: ``info``, ``ppl`` and ``run``; every command prints JSON on stdout.
+"""The ``shrink`` command: ``info``, ``ppl``, ``run`` and ``check``; every command prints JSON on stdout.
 
     shrink info
     shrink ppl --model smollm2-135m --data wikitext2 --split test --seqlen 2048 --windows 8
     shrink run notebooks/00-start/00-tour.md --scale tiny [--out build/executed]
+    shrink check build/executed/tiny/00-start/00-tour.ipynb     # is an executed notebook complete?
 
-Errors from bad input print ``{"error": ..., "fix": ...}`` and exit with status 2.
+Bad input prints ``{"error": <ShrinkError class>, "message": <problem and fix>}`` and exits with status 2;
+any other exception is a bug: ``{"error": "internal", "type": ..., "message": <its last line>}``, status 1.
+stdout is always valid JSON (a NaN is never printed: a non-finite result is an error naming the cause).
+
+``shrink run`` executes each notebook into a hidden temporary file next to the output
+(``.<name>.ipynb.partial``, a name that neither Make nor the book picks up), checks it is complete
+(:func:`shrink.notebook.check_executed`) and only then renames it into place. A failure keeps
+``<name>.failed.ipynb`` for inspection; Ctrl-C / SIGTERM remove the temporary file and exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -12,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from .errors import ShrinkError
+from .errors import BadInputError, EnvError, ShrinkError, env_int
 
 
 def _print(obj) -> None:
-    print(json.dumps(obj, indent=1, default=str))
+    print(json.dumps(obj, indent=1, default=str, allow_nan=False))
 
 
 def cmd_info(_args) -> dict:
@@ -34,6 +44,13 @@ def cmd_info(_args) -> dict:
 def cmd_ppl(args) -> dict:
     from . import data, eval, models
 
+    threads = env_int("SHRINK_THREADS", minimum=1)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    # cheap argument checks first, so that a typo costs no model load
+    eval.check_perplexity_args(args.seqlen, args.windows, args.batch_size)
     model, tok = models.load(args.model)
     tokens = data.eval_tokens(tok, args.data, args.split)
     result = eval.perplexity(model, tokens, args.seqlen, max_windows=args.windows, batch_size=args.batch_size,
@@ -48,42 +65,90 @@ def notebook_output(nb: Path, scale: str, out_root: Path) -> Path:
     return out_root / scale / nb.parent.name / (nb.stem + ".ipynb")
 
 
-def cmd_run(args) -> dict:
+def partial_path(out: Path) -> Path:
+    """Temporary file a run executes into: ``.<name>.ipynb.partial`` (never matches ``*.ipynb``)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGHUP) during ``shrink run``: unwinds like Ctrl-C so that every temporary file is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _run_one(nb: Path, out: Path, scale: str, log_output: bool) -> tuple[str, str | None]:
+    """Execute ``nb`` into ``partial_path(out)``, check it, rename into ``out``. Returns ``(status, error)``."""
     import jupytext
     import papermill
 
+    from .notebook import check_executed
+
+    tmp, failed = partial_path(out), out.with_suffix(".failed.ipynb")
+    src = out.with_name(f".{out.stem}.src.ipynb.partial")
+    out.unlink(missing_ok=True)  # an old output must not survive a re-run that fails
+    try:
+        jupytext.write(jupytext.read(nb), src, fmt="ipynb")
+        try:
+            papermill.execute_notebook(str(src), str(tmp), parameters={"scale": scale}, kernel_name="python3",
+                                       cwd=str(nb.parent), progress_bar=False, log_output=log_output)
+            check_executed(tmp)
+        except Exception as exc:  # noqa: BLE001 - report per notebook, keep going
+            if tmp.exists():  # keep it for inspection, under a name Make and the book never take as done
+                os.replace(tmp, failed)
+            return "failed", f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        os.replace(tmp, out)  # atomic: `out` exists only once the notebook is complete
+        failed.unlink(missing_ok=True)
+        return "ok", None
+    finally:  # also on KeyboardInterrupt / Interrupted / SystemExit
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_run(args) -> dict:
     from .scales import check_scale
 
     check_scale(args.scale)
+    env_int("SHRINK_THREADS", minimum=1)  # a bad value fails here, not inside every kernel
     os.environ.setdefault("SHRINK_HEADLESS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend captures figures; Agg would drop them
+    nbs = [Path(n) for n in args.notebooks]
+    for nb in nbs:  # check every argument before running anything
+        if nb.suffix != ".md" or not nb.is_file():
+            raise BadInputError(f"{nb} is not a MyST notebook (.md file) under notebooks/; list them with "
+                                "`ls notebooks/*/*.md`.")
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     summary = []
-    for i, name in enumerate(args.notebooks, 1):
-        nb = Path(name)
-        if not nb.exists() or nb.suffix != ".md":
-            raise ShrinkError(f"{nb} is not a MyST notebook (.md) in notebooks/; list them with "
-                              "`ls notebooks/*/*.md`.")
-        out = notebook_output(nb, args.scale, Path(args.out))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        src = out.with_suffix(".src.ipynb")
-        jupytext.write(jupytext.read(nb), src)
-        print(f"[{i}/{len(args.notebooks)}] {nb} (scale={args.scale}) -> {out}", file=sys.stderr, flush=True)
-        t0, status, err = time.perf_counter(), "ok", None
-        try:
-            papermill.execute_notebook(str(src), str(out), parameters={"scale": args.scale}, kernel_name="python3",
-                                       cwd=str(nb.parent), progress_bar=False, log_output=args.log_output)
-        except Exception as exc:  # noqa: BLE001 - report per notebook, keep going
-            status, err = "failed", f"{type(exc).__name__}: {str(exc)[-2000:]}"
-            if out.exists():  # keep it for inspection, but never let Make take it as done
-                os.replace(out, out.with_suffix(".failed.ipynb"))
-        finally:
-            src.unlink(missing_ok=True)
-        if status == "ok":
-            out.with_suffix(".failed.ipynb").unlink(missing_ok=True)
-        summary.append({"notebook": str(nb), "output": str(out), "status": status,
-                        "seconds": round(time.perf_counter() - t0, 1), "error": err})
-        print(f"    {status} in {summary[-1]['seconds']} s", file=sys.stderr, flush=True)
+    try:
+        for i, nb in enumerate(nbs, 1):
+            out = notebook_output(nb, args.scale, Path(args.out))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[{i}/{len(nbs)}] {nb} (scale={args.scale}) -> {out}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            status, err = _run_one(nb, out, args.scale, args.log_output)
+            summary.append({"notebook": str(nb), "output": str(out) if status == "ok" else
+                            str(out.with_suffix(".failed.ipynb")), "status": status,
+                            "seconds": round(time.perf_counter() - t0, 1), "error": err})
+            print(f"    {status} in {summary[-1]['seconds']} s", file=sys.stderr, flush=True)
+            if err:
+                print(f"    {nb}: {err[-600:]}", file=sys.stderr, flush=True)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"shrink run: {signal.Signals(signum).name}: stopped; no partial notebook was left as done. "
+              "Re-run the same command to resume (finished notebooks and cached results are kept).",
+              file=sys.stderr, flush=True)
+        _print({"error": "interrupted", "signal": signal.Signals(signum).name, "scale": args.scale,
+                "notebooks": summary})
+        sys.exit(128 + int(signum))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     failed = [s for s in summary if s["status"] != "ok"]
     result = {"scale": args.scale, "ran": len(summary), "failed": len(failed), "notebooks": summary}
     if failed:
@@ -92,28 +157,76 @@ def cmd_run(args) -> dict:
     return result
 
 
+def cmd_check(args) -> dict:
+    from .notebook import check_executed
+
+    return {str(p): check_executed(p) for p in args.paths}
+
+
+def _positive_or_all(text: str):
+    """argparse type for ``--windows``: an integer (validated by the perplexity function) or ``all``."""
+    if text.strip().lower() in ("all", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a number of windows or 'all'") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as the CLI's JSON (exit 2) instead of plain text."""
+
+    def error(self, message):
+        _print({"error": "UsageError", "message": f"{message}. See `{self.prog} --help`."})
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="shrink", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="shrink", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, device, available models and corpora")
     q = sub.add_parser("ppl", help="perplexity with the handbook's one perplexity function")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--data", default="wikitext2")
     q.add_argument("--split", default="test")
     q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--windows", type=int, default=None, help="first N windows only (default: all)")
+    q.add_argument("--windows", type=_positive_or_all, default=None, help="first N windows only (default: all)")
     q.add_argument("--batch-size", type=int, default=1)
     r = sub.add_parser("run", help="execute notebooks with papermill at a scale")
     r.add_argument("notebooks", nargs="+")
     r.add_argument("--scale", default="cpu")
     r.add_argument("--out", default="build/executed")
     r.add_argument("--log-output", action="store_true")
+    c = sub.add_parser("check", help="exit 2 unless every executed notebook given is complete")
+    c.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
     try:
-        _print({"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run}[args.cmd](args))
+        result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check}[args.cmd](args)
+        text = json.dumps(result, indent=1, default=str, allow_nan=False)
     except ShrinkError as exc:
         _print({"error": type(exc).__name__, "message": str(exc)})
         sys.exit(2)
+    except ValueError as exc:
+        if "JSON compliant" in str(exc):  # a NaN/inf slipped into a result: never print invalid JSON
+            _print({"error": "NumericalError", "message": f"the result holds NaN or inf ({exc}); this is a bug "
+                    "or a corrupt input: rerun with a fresh cache (delete $SHRINK_CACHE/models) and report it."})
+            sys.exit(2)
+        _internal(exc)
+    except (KeyboardInterrupt, Interrupted):
+        _print({"error": "interrupted", "message": "stopped by a signal; nothing was written as done. Re-run."})
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug: still JSON on stdout, the traceback on stderr
+        _internal(exc)
+    else:
+        print(text)
+
+
+def _internal(exc: BaseException) -> None:
+    traceback.print_exc(file=sys.stderr)
+    last = (traceback.format_exception_only(type(exc), exc) or [""])[-1].strip()
+    _print({"error": "internal", "type": type(exc).__name__, "message": last,
+            "fix": "this is a bug in Shrink, not your input: report it with the traceback printed on stderr."})
+    sys.exit(1)
 
 
 if __name__ == "__main__":

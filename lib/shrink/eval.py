@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import env
+from .errors import BadInputError, NumericalError, check_int
 from .models import KVPrefix, max_context, model_name
 
 
@@ -52,6 +53,29 @@ class Perplexity:
         return self.ppl
 
 
+def check_perplexity_args(seqlen, max_windows=None, batch_size=1) -> None:
+    """Validate the perplexity knobs: ``seqlen >= 2`` (one predicted token needs two), ``max_windows`` a
+    positive integer or None, ``batch_size`` positive. Raises :class:`shrink.errors.BadInputError`."""
+    check_int("seqlen", seqlen, minimum=2, fix="A window needs at least 2 tokens (one prediction); the papers "
+              "use seqlen=2048 (`--seqlen 2048`).")
+    check_int("max_windows", max_windows, allow_none=True, fix="Give a number of windows >= 1 (`--windows 8`) "
+              "or None / `--windows all` for every window.")
+    check_int("batch_size", batch_size, fix="Use batch_size=1 or more (`--batch-size 1`).")
+
+
+def check_token_ids(tokens: torch.Tensor, model: nn.Module) -> None:
+    """Raise :class:`BadInputError` unless every id lies in ``[0, vocab_size)`` of ``model`` (ids from
+    another tokenizer otherwise index out of range, or silently score the wrong tokens)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokens.numel() == 0 or vocab is None:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise BadInputError(f"token ids span [{lo}, {hi}] but {model_name(model)} has a vocabulary of {vocab}: "
+                            "they come from another tokenizer. Tokenize with the tokenizer returned by "
+                            "shrink.models.load() together with this model.")
+
+
 def num_windows(n_tokens: int, seqlen: int, max_windows: int | None = None) -> int:
     """Number of non-overlapping full windows of ``seqlen`` in ``n_tokens`` (capped by ``max_windows``)."""
     n = n_tokens // seqlen
@@ -77,16 +101,21 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, *, ma
     Returns:
         :class:`Perplexity` (``float(result)`` is the perplexity).
     """
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must be a 1-D stream [N], got shape {tuple(tokens.shape)}; "
-                         "flatten it or use shrink.data.eval_tokens().")
+    check_perplexity_args(seqlen, max_windows, batch_size)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
+        raise BadInputError(f"tokens must be a 1-D int64 stream [N], got "
+                            f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
+                            f"{' ' + str(tokens.dtype) if isinstance(tokens, torch.Tensor) else ''}; "
+                            "flatten it or use shrink.data.eval_tokens().")
     plen = prefix.length if prefix is not None else 0
     if seqlen + plen > max_context(model):
-        raise ValueError(f"seqlen={seqlen} (+ prefix {plen}) exceeds the context of {model_name(model)} "
-                         f"({max_context(model)} positions); use seqlen <= {max_context(model) - plen}.")
+        raise BadInputError(f"seqlen={seqlen} (+ prefix {plen}) exceeds the context of {model_name(model)} "
+                            f"({max_context(model)} positions); use seqlen <= {max_context(model) - plen}.")
     n = num_windows(tokens.numel(), seqlen, max_windows)
     if n == 0:
-        raise ValueError(f"{tokens.numel()} tokens hold no full window of {seqlen}; lower seqlen.")
+        raise BadInputError(f"{tokens.numel()} tokens hold no full window of seqlen={seqlen}; use a seqlen <= "
+                            f"{tokens.numel()} or a longer evaluation text.")
+    check_token_ids(tokens[: n * seqlen], model)
     if progress is None:
         progress = not env.headless()
     device = next(model.parameters()).device
@@ -105,6 +134,10 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048, *, ma
                                  reduction="sum").item()
     n_pred = n * (seqlen - 1)
     nll = total / n_pred
+    if not math.isfinite(nll):
+        raise NumericalError(f"perplexity of {model_name(model)} on {dataset}/{split} is not finite (mean NLL "
+                             f"{nll}): the model produced NaN/inf logits. Check its weights for NaN/inf (a corrupt "
+                             "cache: delete $SHRINK_CACHE/models and reload; a diverged reconstruction: lower lr).")
     return Perplexity(ppl=math.exp(nll), nll=nll, n_windows=n, n_tokens=n_pred, seqlen=seqlen, dataset=dataset,
                       split=split, model=model_name(model), dtype=str(next(model.parameters()).dtype),
                       prefix_len=plen, seconds=round(time.perf_counter() - t0, 3))

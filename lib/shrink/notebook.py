@@ -9,13 +9,17 @@ Introduced in: notebooks/00-start/00-tour.md
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import env, plotting
+from .errors import NotExecutedError, env_int
 from .scales import check_scale
 
 
@@ -42,8 +46,9 @@ def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    if os.environ.get("SHRINK_THREADS"):
-        torch.set_num_threads(int(os.environ["SHRINK_THREADS"]))
+    threads = env_int("SHRINK_THREADS", minimum=1)  # EnvError for SHRINK_THREADS=abc / 0
+    if threads:
+        torch.set_num_threads(threads)
     if scale == "tiny":
         torch.use_deterministic_algorithms(True, warn_only=True)
     banner = {"scale": scale, "seed": seed, "device": env.device_name(), "online": env.online(),
@@ -51,3 +56,66 @@ def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
     if not quiet:
         print(" | ".join(f"{k}={v}" for k, v in banner.items()))
     return banner
+
+
+# --------------------------------------------------------------------------------------------------
+# The one "is this executed notebook finished?" check (shrink run, make book and the contract test)
+# --------------------------------------------------------------------------------------------------
+SANITY_HEADING = re.compile(r"^#{1,3}\s+sanity", re.I | re.M)
+
+
+def _heading_level(cell: dict) -> int | None:
+    """Level of the first heading of a markdown cell (``## X`` -> 2), None if it has none."""
+    m = re.search(r"^(#{1,6})\s", "".join(cell.get("source", "")), re.M)
+    return len(m.group(1)) if m else None
+
+
+def sanity_cells(cells: list[dict]) -> list[int]:
+    """Indices of the sanity-check code cells: those tagged ``sanity`` and those under a markdown heading
+    ``## Sanity checks`` (until the next heading of the same or a higher level)."""
+    out, level = [], None
+    for i, c in enumerate(cells):
+        if c["cell_type"] == "markdown":
+            src, lv = "".join(c.get("source", "")), _heading_level(c)
+            if SANITY_HEADING.search(src):
+                level = lv
+            elif level is not None and lv is not None and lv <= level:
+                level = None
+        elif c["cell_type"] == "code":
+            if level is not None or "sanity" in c.get("metadata", {}).get("tags", []):
+                out.append(i)
+    return out
+
+
+def check_executed(path: str | Path) -> dict:
+    """Raise :class:`NotExecutedError` unless the executed notebook ``path`` is complete.
+
+    Complete means: it parses as a notebook; every code cell has an ``execution_count`` (papermill leaves
+    the cells after a failure or an interruption without one); no output is an error; and at least one
+    sanity-check cell exists (see :func:`sanity_cells`) and ran. Returns ``{"cells", "code_cells",
+    "sanity_cells"}``.
+    """
+    path = Path(path)
+    fix = (f"Re-execute it: `shrink run notebooks/<chapter>/{path.stem}.md --scale <scale>` "
+           f"(or `make notebooks`), or delete {path}.")
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        cells = nb["cells"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise NotExecutedError(f"{path} is not a readable notebook ({type(exc).__name__}: {exc}). {fix}") from None
+    code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code"]
+    not_run = [i for i in code if cells[i].get("execution_count") is None]
+    errors = [i for i in code for o in cells[i].get("outputs", []) if o.get("output_type") == "error"]
+    if errors:
+        c = cells[errors[0]]
+        err = next(o for o in c["outputs"] if o.get("output_type") == "error")
+        raise NotExecutedError(f"{path}: code cell {errors[0]} raised {err.get('ename')}: "
+                               f"{str(err.get('evalue'))[:300]}. {fix}")
+    if not_run:
+        raise NotExecutedError(f"{path}: {len(not_run)} of {len(code)} code cells never ran (first: cell "
+                               f"{not_run[0]}); the run was interrupted or failed. {fix}")
+    sanity = sanity_cells(cells)
+    if not sanity:
+        raise NotExecutedError(f"{path} has no sanity-check cell (a code cell under '## Sanity checks' or tagged "
+                               "'sanity'); add one to the notebook source and re-execute.")
+    return {"cells": len(cells), "code_cells": len(code), "sanity_cells": len(sanity)}
