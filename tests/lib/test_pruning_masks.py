@@ -218,3 +218,13 @@ def test_eora_minimises_activation_error():
         assert err(dW - B @ A) <= err(dW - P) + 1e-6
     b = bias_compensation(dW, X.mean(0))
     assert torch.allclose((X @ dW.T - b).mean(0), torch.zeros(8), atol=1e-3)
+
+
+def test_sparsegpt_nm_selection_equals_lowest_k_with_ties():
+    from shrink.pruning.masks import lowest_k_mask
+    from shrink.pruning.sparsegpt import _nm_keep
+
+    g = torch.Generator().manual_seed(3)
+    sal = torch.randint(0, 3, (200, 4), generator=g).float()  # many ties
+    for n in (1, 2, 3):
+        assert torch.equal(_nm_keep(sal, n), lowest_k_mask(sal, n))

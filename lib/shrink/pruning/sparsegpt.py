@@ -48,11 +48,20 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[tor
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.cholesky_inverse(L)
-        U = torch.linalg.cholesky(Hinv, upper=True)
+        # ``upper=True`` returns U in column-major layout: the row slices ``U[i, i:]`` of the column loop
+        # would be strided (measured 86 us vs 13 us per column on SmolLM2's down_proj); same values.
+        U = torch.linalg.cholesky(Hinv, upper=True).contiguous()
     except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise PruningError(f"SparseGPT: the damped Hessian is not positive definite ({exc}). Raise percdamp "
                            f"(now {percdamp}) or use more calibration tokens.") from exc
     return U, dead
+
+
+def _nm_keep(sal: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep-mask pruning the ``n`` lowest of each row of ``sal [rows, m]`` (ties by index): the first ``n``
+    of a stable ascending sort — the same mask as :func:`lowest_k_mask`, cheaper for the small ``m`` of N:M."""
+    idx = torch.sort(sal, dim=1, stable=True).indices[:, :n]
+    return torch.ones_like(sal, dtype=torch.bool).scatter_(1, idx, False)
 
 
 @torch.no_grad()
@@ -99,7 +108,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], H: torch.Tensor, pattern: Patte
         for i in range(i2 - i1):
             if pattern.is_nm and i % pattern.m == 0:
                 sal = W1[:, i:i + pattern.m] ** 2 / diag[i:i + pattern.m].unsqueeze(0) ** 2
-                keep1[:, i:i + pattern.m] = lowest_k_mask(sal, pattern.n)
+                keep1[:, i:i + pattern.m] = _nm_keep(sal, pattern.n)
             w = W1[:, i]
             err = torch.where(keep1[:, i], torch.zeros_like(w), w) / diag[i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
