@@ -1,17 +1,415 @@
-"""Generate the book's "Results at a glance" page from the result records (JSON -> Markdown).
+"""Tables, paper numbers and glued measurements for the notebooks, and the book's results page.
+
+Three things every notebook uses (the shared API of issue 9):
+
+* :func:`table` — a result table as a real HTML table (a pandas ``Styler`` inside a horizontally scrollable
+  container), numbers rounded to ``digits`` significant digits, :class:`shrink.eval.Spread` shown as
+  ``mean ± std [min, max], n=... kind``.
+* :func:`paper` / :func:`paper_vs_ours` — the papers' numbers live in one YAML file per chapter,
+  ``lib/shrink/paper_numbers/<chapter>.yaml`` (entries ``id: {value, ref, model, note}``); the "paper vs
+  ours" section of a notebook is *generated* from those ids and from measured values, never hand-typed.
+* :func:`glue` — a measured number quoted in prose: ``report.glue("tour_ppl", dense["ppl"], ".2f")`` in a
+  code cell, ``{glue:text}`tour_ppl``` in the markdown. MyST-NB reads the glued value from the executed
+  notebook's outputs, so it renders with ``execute_notebooks: "off"`` (papermill executes, the book only
+  renders).
+
+The results page::
 
     python -m shrink.report --scale cpu --out build/book/results.md
 
-Numbers quoted across pages come from ``results/<scale>/**.json``, never copy-pasted.
+renders every record of ``results/<scale>/`` (metrics, device, kernel set, whether the record was made by
+other code than the current checkout's).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
+import math
+import numbers
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+from typing import Any, Iterable
 
 from . import results
+from .errors import ShrinkError
 
+
+class ReportError(ShrinkError):
+    """Bad input to a table, an unknown paper-number id, or a malformed paper-numbers file."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Number formatting
+# --------------------------------------------------------------------------------------------------------------
+
+def _is_spread(v: Any) -> bool:
+    return hasattr(v, "values") and hasattr(v, "fmt") and hasattr(v, "std") and hasattr(v, "kind")
+
+
+def fmt_number(v: Any, digits: int = 4) -> str:
+    """A number for a table or prose: ``digits`` significant digits, no scientific notation between 1e-3
+    and 1e15, integers in full (thousands separated by a thin space when >= 10 000); NaN -> ``"—"``.
+
+    >>> fmt_number(19.13382), fmt_number(0.000012345), fmt_number(1234567.8), fmt_number(3)
+    ('19.13', '1.234e-05', '1234568', '3')
+    """
+    if _is_spread(v):
+        return fmt_spread(v, digits)
+    if isinstance(v, bool) or v is None:
+        return "—" if v is None else str(v)
+    if isinstance(v, numbers.Integral):
+        return f"{int(v):,}".replace(",", "\u2009") if abs(int(v)) >= 10_000 else str(int(v))
+    if isinstance(v, numbers.Real):
+        x = float(v)
+        if math.isnan(x):
+            return "—"
+        if math.isinf(x):
+            return "∞" if x > 0 else "−∞"
+        if x == 0:
+            return "0"
+        mag = math.floor(math.log10(abs(x)))
+        if mag < -3 or mag >= 15:
+            return f"{x:.{max(digits - 1, 0)}e}"
+        decimals = max(digits - 1 - mag, 0)
+        return f"{x:.{decimals}f}"
+    return str(v)
+
+
+def _spread_decimals(s: Any, digits: int) -> int:
+    """Decimals that show the std with one significant digit (two when it starts with 1 or 2); a
+    single measurement shows ``digits`` significant digits."""
+    if s.std > 0:  # two significant digits when the std's leading digit is 1 or 2, else one
+        mag = math.floor(math.log10(s.std))
+        lead = int(s.std / 10 ** mag)
+        d = (1 if lead < 3 else 0) - mag
+    else:
+        d = digits - 1 - math.floor(math.log10(abs(s.mean) or 1.0))
+    return int(min(max(d, 0), 8))
+
+
+def fmt_spread(s: Any, digits: int = 4) -> str:
+    """``Spread.fmt`` with decimals chosen from the spread (:func:`_spread_decimals`)."""
+    return s.fmt(_spread_decimals(s, digits))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Tables
+# --------------------------------------------------------------------------------------------------------------
+
+_TABLE_CSS = ("border-collapse:collapse;font-size:0.9em;font-variant-numeric:tabular-nums;"
+              "margin:0.5em 0;")
+
+
+class Table:
+    """A result table: displays as HTML (Jupyter, MyST-NB, the book) and as aligned text in a terminal.
+
+    Attributes:
+        frame: the formatted ``pandas.DataFrame`` (strings, as shown).
+        data: the raw ``pandas.DataFrame`` (numbers as given; row labels, if any, as the first column).
+        styler: the ``pandas.io.formats.style.Styler`` that renders the HTML.
+    """
+
+    def __init__(self, data, frame, styler, caption):
+        self.data, self.frame, self.styler, self.caption = data, frame, styler, caption
+
+    def to_html(self) -> str:
+        """The table inside ``<div class="shrink-table" style="overflow-x:auto">``: a wide table scrolls
+        instead of being clipped by the page."""
+        return ('<div class="shrink-table" style="overflow-x:auto;max-width:100%">'
+                + self.styler.to_html() + "</div>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def to_markdown(self) -> str:
+        """A pipe table of the formatted cells (for generated Markdown pages)."""
+        cols = [str(c) for c in self.frame.columns]
+        lines = ["| " + " | ".join(_md_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+        for _, row in self.frame.iterrows():
+            lines.append("| " + " | ".join(_md_cell(v) for v in row) + " |")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        text = self.frame.to_string(index=False)
+        return (f"{self.caption}\n{text}" if self.caption else text)
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _frame(data, index):
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        df = data.copy()
+    elif isinstance(data, dict):
+        if not data:
+            raise ReportError("table() got an empty dict; pass at least one row ({row_label: {column: value}}).")
+        bad = [k for k, v in data.items() if not isinstance(v, dict)]
+        if bad:
+            raise ReportError(f"table() got a dict whose values are not dicts (rows {bad[:3]}): pass a dict of "
+                              "rows {row_label: {column: value}}, a list of dicts, or a DataFrame.")
+        df = pd.DataFrame.from_dict(data, orient="index")
+        df.index.name = index if isinstance(index, str) else None
+        return df, True
+    elif isinstance(data, (list, tuple)):
+        if not data:
+            raise ReportError("table() got an empty list; pass at least one row (a dict of column -> value).")
+        bad = [i for i, r in enumerate(data) if not isinstance(r, dict)]
+        if bad:
+            raise ReportError(f"table() got a list whose items {bad[:3]} are not dicts: pass one dict per row.")
+        df = pd.DataFrame(list(data))
+    else:
+        raise ReportError(f"table() cannot show a {type(data).__name__}: pass a list of dicts, a dict of dicts "
+                          "(rows) or a pandas DataFrame.")
+    if index is None:
+        show = not isinstance(df.index, pd.RangeIndex)
+        return df, show
+    if index not in df.columns:
+        raise ReportError(f"table(index={index!r}): no such column; columns are {list(df.columns)}.")
+    return df.set_index(index), True
+
+
+def table(data, *, caption: str | None = None, digits: int = 4, index: str | None = None) -> Table:
+    """A result table that renders as a real HTML table (pandas ``Styler``), numbers rounded.
+
+    Args:
+        data: a list of dicts (one per row), a dict of dicts (``{row_label: {column: value}}``) or a
+            ``pandas.DataFrame``. Cells may be numbers, strings, ``None`` or :class:`shrink.eval.Spread`.
+        caption: shown above the table.
+        digits: significant digits of floats (:func:`fmt_number`); a Spread shows its std with one or
+            two significant digits (:func:`_spread_decimals`).
+        index: a column to use as the row labels (list-of-dicts input); a dict of dicts uses its keys.
+
+    Returns:
+        a :class:`Table` (``_repr_html_`` for notebooks, ``to_markdown()`` for generated pages).
+    """
+    if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 12:
+        raise ReportError(f"table(digits={digits!r}): use an integer number of significant digits in 1..12.")
+    df, show_index = _frame(data, index)
+    if show_index:  # row labels become the first column (one header row, left-aligned text)
+        label = df.index.name or ""
+        if label in df.columns:
+            raise ReportError(f"table(): the row-label name {label!r} is also a column; rename one of them.")
+        df = df.reset_index(names=label)
+    frame = df.map(lambda v: fmt_number(v, digits) if not isinstance(v, str) else v)
+    styler = frame.style
+    # a deterministic id (nbval compares the HTML of executed notebooks)
+    uid = hashlib.sha256((repr(caption) + frame.to_json()).encode()).hexdigest()[:10]
+    styler.set_uuid(uid)
+    styler.set_table_attributes(f'class="shrink-result dataframe" style="{_TABLE_CSS}"')
+    styler.set_table_styles([
+        {"selector": "th, td", "props": [("padding", "0.25em 0.6em"), ("border-bottom", "1px solid #ddd")]},
+        {"selector": "td", "props": [("text-align", "right")]},
+        {"selector": "th", "props": [("text-align", "left")]},
+        {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"),
+                                          ("font-weight", "bold")]},
+    ])
+    text_cols = [c for c in df.columns if df[c].map(lambda v: isinstance(v, str)).all()]
+    if text_cols:  # text columns left-aligned
+        styler.set_properties(subset=text_cols, **{"text-align": "left"})
+    if caption:
+        styler.set_caption(html.escape(caption))
+    styler.hide(axis="index")
+    return Table(df, frame, styler, caption)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Paper numbers
+# --------------------------------------------------------------------------------------------------------------
+
+PAPER_KEYS_REQUIRED = ("value", "ref")
+PAPER_KEYS = ("value", "ref", "model", "note", "paper", "unit")
+
+
+def paper_numbers_dir() -> Path:
+    """``lib/shrink/paper_numbers/`` (package data)."""
+    return Path(str(resources.files("shrink").joinpath("paper_numbers")))
+
+
+def paper_file(chapter: str) -> Path:
+    return paper_numbers_dir() / f"{chapter}.yaml"
+
+
+@lru_cache(maxsize=None)
+def _load_paper(path_str: str, mtime: float) -> dict:
+    import yaml
+
+    path = Path(path_str)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{path} is not valid YAML ({exc}); fix the file.") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ReportError(f"{path}: the top level must be a mapping id -> {{value, ref, ...}}; got "
+                          f"{type(raw).__name__}.")
+    out = {}
+    for pid, entry in raw.items():
+        if not isinstance(pid, str):
+            raise ReportError(f"{path}: id {pid!r} is not a string; quote it.")
+        if not isinstance(entry, dict):
+            raise ReportError(f"{path}: entry {pid!r} must be a mapping with keys value and ref "
+                              f"(optional: model, note, paper, unit); got {entry!r}.")
+        missing = [k for k in PAPER_KEYS_REQUIRED if k not in entry]
+        if missing:
+            raise ReportError(f"{path}: entry {pid!r} lacks {missing}; every paper number needs its value and "
+                              "the table/figure it comes from (ref: \"Table 3\").")
+        extra = sorted(set(entry) - set(PAPER_KEYS))
+        if extra:
+            raise ReportError(f"{path}: entry {pid!r} has unknown keys {extra}; allowed: {list(PAPER_KEYS)}.")
+        v = entry["value"]
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ReportError(f"{path}: entry {pid!r} value {v!r} must be a number or a string.")
+        if not isinstance(entry["ref"], str) or not entry["ref"].strip():
+            raise ReportError(f"{path}: entry {pid!r} ref must name the table or figure, e.g. \"Table 3\".")
+        out[pid] = dict(entry)
+    return out
+
+
+def paper(chapter: str) -> dict:
+    """The paper numbers of ``chapter`` (``lib/shrink/paper_numbers/<chapter>.yaml``): ``{id: {value, ref,
+    model?, note?, paper?, unit?}}``. A missing or malformed file raises :class:`ReportError` naming it."""
+    path = paper_file(chapter)
+    if not path.exists():
+        have = sorted(p.stem for p in paper_numbers_dir().glob("*.yaml"))
+        raise ReportError(f"no paper numbers for chapter {chapter!r}: {path} does not exist (have: {have}). "
+                          "Create it with entries  id: {value: ..., ref: \"Table N\", model: ..., note: ...}.")
+    return _load_paper(str(path), path.stat().st_mtime)
+
+
+def _paper_value(v) -> str:
+    """A paper's number as the paper prints it (``5.47``, ``9250.33``, ``2622``): no re-rounding."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _paper_cell(chapter: str, nums: dict, ids, digits: int) -> tuple[str, str]:
+    if ids is None:
+        return "—", "—"
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+        raise ReportError(f"paper_vs_ours: 'paper' must be an id, a list of ids or None; got {ids!r}.")
+    unknown = [i for i in ids if i not in nums]
+    if unknown:
+        raise ReportError(f"paper_vs_ours({chapter!r}): unknown paper-number ids {unknown}; add them to "
+                          f"{paper_file(chapter)} or use one of {sorted(nums)}.")
+    vals, refs = [], []
+    for i in ids:
+        e = nums[i]
+        v = e["value"] if isinstance(e["value"], str) else _paper_value(e["value"])
+        if e.get("unit"):
+            v = f"{v} {e['unit']}"
+        vals.append(v)
+        ref = e["ref"] if not e.get("paper") else f"{e['paper']}, {e['ref']}"
+        if e.get("model"):
+            ref = f"{ref}: {e['model']}"
+        refs.append(ref)
+    uniq_refs = list(dict.fromkeys(refs))
+    return " / ".join(vals), "; ".join(uniq_refs)
+
+
+ROW_KEYS = ("quantity", "paper", "ours", "why")
+
+
+def paper_vs_ours(chapter: str, rows: Iterable[dict], *, caption: str | None = "Paper vs ours",
+                  digits: int = 4) -> Table:
+    """The generated "paper vs ours" table of a notebook.
+
+    Args:
+        chapter: e.g. ``"00-start"``; paper numbers come from ``lib/shrink/paper_numbers/<chapter>.yaml``.
+        rows: dicts ``{"quantity": str, "paper": id | [ids] | None, "ours": number | Spread | str,
+            "why": str}``; several ids are shown as ``a / b`` with their references.
+        digits: significant digits of numbers.
+
+    Returns:
+        a :class:`Table` with columns quantity | paper | paper's setting and reference | ours | why they differ.
+    """
+    nums = paper(chapter)
+    out = []
+    for k, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ReportError(f"paper_vs_ours: row {k} is a {type(row).__name__}; pass dicts with keys {ROW_KEYS}.")
+        extra = sorted(set(row) - set(ROW_KEYS))
+        missing = [key for key in ("quantity", "ours", "why") if key not in row]
+        if extra or missing:
+            raise ReportError(f"paper_vs_ours: row {k} ({row.get('quantity', '?')!r}) has unknown keys {extra} / "
+                              f"lacks {missing}; rows have keys {ROW_KEYS} ('paper' may be None).")
+        value, ref = _paper_cell(chapter, nums, row.get("paper"), digits)
+        ours = row["ours"]
+        ours = ours if isinstance(ours, str) else fmt_number(ours, digits)
+        out.append({"quantity": row["quantity"], "paper": value, "paper's setting (reference)": ref,
+                    "ours": ours, "why they differ": row["why"]})
+    if not out:
+        raise ReportError("paper_vs_ours got no rows; pass at least one {quantity, paper, ours, why}.")
+    return table(out, caption=caption, digits=digits)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Measured numbers in prose
+# --------------------------------------------------------------------------------------------------------------
+
+class _Text:
+    """Displays as exactly ``text`` (``text/plain`` without the quotes a ``str`` repr adds)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def glue(name: str, value: Any, fmt: str | None = None) -> str:
+    """Store a measured value for the prose: ``{glue:text}`name``` in the markdown shows it.
+
+    Args:
+        name: the glue key (unique in the notebook; letters, digits, ``_`` and ``-``).
+        value: a number, a :class:`shrink.eval.Spread` or a string.
+        fmt: a format spec (``".2f"``, ``".1%"``, ``",d"``); default :func:`fmt_number` (4 significant
+            digits) for numbers, ``Spread.fmt`` with decimals from the spread for Spreads. For a Spread
+            ``fmt`` is the number of decimals (``"1"``).
+
+    Returns:
+        the text that the book shows (so the notebook can print or assert on it).
+
+    Wraps ``myst_nb.glue(name, ..., display=False)``: the value is kept in the cell's outputs
+    (``application/papermill.record/text/plain``) and MyST-NB pastes it when rendering the book.
+    """
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ReportError(f"glue name {name!r}: use letters, digits, '_' and '-' only (it is referenced as "
+                          "{glue:text}`name` in markdown).")
+    if _is_spread(value):
+        text = value.fmt(int(fmt)) if fmt else fmt_spread(value)
+    elif isinstance(value, str):
+        text = value if not fmt else format(value, fmt)
+    elif fmt:
+        try:
+            text = format(value, fmt)
+        except (ValueError, TypeError) as exc:
+            raise ReportError(f"glue({name!r}): format spec {fmt!r} does not apply to {value!r} ({exc}); use a "
+                              "spec like '.2f', '.1%' or ',d'.") from exc
+    else:
+        text = fmt_number(value)
+    try:
+        from myst_nb import glue as nb_glue
+    except ImportError as exc:  # pragma: no cover - myst-nb ships with the book extra
+        raise ReportError("shrink.report.glue needs myst-nb: pip install -e '.[book]'.") from exc
+    nb_glue(name, _Text(text), display=False)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The results page
+# --------------------------------------------------------------------------------------------------------------
 
 def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:
     out = {}
@@ -26,17 +424,27 @@ def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:
     return out
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def _machine(r: dict) -> str:
+    """Device and the kernel set (torch build, plus a ``kernels`` field when the record has one)."""
+    parts = [str(r.get("device", "?"))]
+    torch_v = (r.get("versions") or {}).get("torch")
+    if torch_v:
+        parts.append(f"torch {torch_v}")
+    kernels = r.get("kernels") or (r.get("config") or {}).get("kernels")
+    if kernels:
+        parts.append(f"kernels {kernels}")
+    return ", ".join(parts)
 
 
-def render(scale: str, max_cols: int = 6) -> str:
-    """Markdown with one table per chapter of the scalar metrics of every record."""
+def render(scale: str, max_metrics: int = 4) -> str:
+    """The results page (MyST Markdown): per chapter, the machines that made the records, the records made
+    by other code than this checkout's, and one row per record with its first scalar metrics."""
     lines = [f"# Results at a glance ({scale} scale)", "",
              f"Generated from `results/{scale}/` by `python -m shrink.report`. Each row is one result record "
-             "(config hash `key`, git SHA and device are in the JSON file).", ""]
+             "(config hash `key`; the full config, metrics, versions and git SHA are in the JSON file). "
+             "*machine* is the device and kernel set (torch build) that computed the record; *code* says "
+             "whether the record was made by the current chapter code (`current`) or by other code and reused "
+             "(`other: <hash>`; `SHRINK_STALE=recompute` recomputes it).", ""]
     recs = results.records(scale)
     if not recs:
         lines += ["No result records yet at this scale: run `make run` (cpu) or the notebooks.", ""]
@@ -45,19 +453,34 @@ def render(scale: str, max_cols: int = 6) -> str:
     for r in recs:
         by_chapter.setdefault(r["chapter"], []).append(r)
     for chapter, rs in sorted(by_chapter.items()):
-        lines += [f"## {chapter}", "", "| record | key | metrics | device | git |", "|---|---|---|---|---|"]
+        current = results.chapter_code_hash(chapter)
+        other = [r for r in rs if r.get("code") != current]
+        machines: dict[str, int] = {}
+        for r in rs:
+            machines[_machine(r)] = machines.get(_machine(r), 0) + 1
+        lines += [f"## {chapter}", "",
+                  f"{len(rs)} records; current code hash of this chapter `{current}`. Machines: "
+                  + "; ".join(f"{m} ({n} record{'s' if n != 1 else ''})" for m, n in machines.items()) + ".", ""]
+        if other:
+            lines += [f"**{len(other)} record{'s' if len(other) != 1 else ''} made by other code** (reused): "
+                      + ", ".join(f"`{r['name']}-{r['key']}` ({r.get('code') or 'no code hash'})" for r in other)
+                      + ".", ""]
+        else:
+            lines += ["Every record was made by the current code.", ""]
+        rows = []
         for r in rs:
             m = _scalar_metrics(r["metrics"])
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(m.items())[:max_cols])
-            more = f" (+{len(m) - max_cols} more)" if len(m) > max_cols else ""
-            sha = (r.get("git_sha") or "?")[:9]
-            lines.append(f"| {r['name']} | `{r['key']}` | {shown}{more} | {r.get('device', '?')} | `{sha}` |")
-        lines.append("")
+            shown = ", ".join(f"{k}={fmt_number(v)}" for k, v in list(m.items())[:max_metrics])
+            more = f" (+{len(m) - max_metrics} more)" if len(m) > max_metrics else ""
+            code = "current" if r.get("code") == current else f"other: {r.get('code') or '?'}"
+            rows.append({"record": r["name"], "key": f"`{r['key']}`", "metrics": shown + more,
+                         "machine": _machine(r), "code": code, "git": f"`{(r.get('git_sha') or '?')[:9]}`"})
+        lines += [table(rows).to_markdown(), ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description="Write the book's results page from results/<scale>/.")
     p.add_argument("--scale", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
