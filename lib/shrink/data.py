@@ -23,16 +23,19 @@ Introduced in: notebooks/00-start/00-tour.md
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import random
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import env
-from .errors import DataMissingError, OfflineError, UnknownNameError
+from .errors import BadInputError, DataCorruptError, DataMissingError, OfflineError, UnknownNameError, check_int
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ def source(name: str, split: str) -> str:
         if os.environ.get("SHRINK_DATA"):
             path = data_dir() / rel
             if path.exists():
+                if not path.is_file():
+                    raise DataCorruptError(f"{path} is not a file (a {'folder' if path.is_dir() else 'special file'}"
+                                           "). Restore the file from the shared data folder (see its MANIFEST.md).")
                 return f"offline:{path}"
             if not env.online():
                 raise DataMissingError(f"{path} is missing from SHRINK_DATA. Restore it from the shared data "
@@ -127,6 +133,108 @@ def source(name: str, split: str) -> str:
     hint = " or give local C4-format files with SHRINK_C4_FILES" if name == "c4" else ""
     raise OfflineError(f"{name}/{split} is available online only: set SHRINK_ONLINE=1 on a machine with "
                        f"internet{hint}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity: every offline file is checked against the sha256 in $SHRINK_DATA/MANIFEST.md
+# --------------------------------------------------------------------------------------------------
+_MANIFEST_ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|.*\|\s*`([0-9a-f]{64})`\s*\|\s*$", re.M)
+_VERIFIED: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) verified in this process
+
+
+def manifest(root: Path | None = None) -> dict[str, str]:
+    """``{relative path: sha256}`` from ``MANIFEST.md`` of the data folder (raises if it is missing)."""
+    root = root or data_dir()
+    path = root / "MANIFEST.md"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataMissingError(f"{path} cannot be read ({type(exc).__name__}); SHRINK_DATA={root} must be the "
+                               "offline data folder with its MANIFEST.md (../shared/data next to the checkout).") \
+            from None
+    return dict(_MANIFEST_ROW.findall(text))
+
+
+def _verdict_file() -> Path | None:
+    try:
+        return env.cache_dir() / "data-verified.json"
+    except OSError:  # SHRINK_CACHE unusable: verify every time (same verdict, only slower)
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: Path) -> None:
+    """Check an offline data file against the sha256 its ``MANIFEST.md`` row gives.
+
+    The verdict is cached by ``(size, mtime)`` in this process and in ``$SHRINK_CACHE/data-verified.json``,
+    so a file is hashed once per change. Files the manifest does not list are not checked. Raises
+    :class:`DataCorruptError` naming the file and the fix on a mismatch.
+    """
+    root = data_dir()
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return
+    want = manifest(root).get(rel)
+    if want is None:
+        return
+    st = path.stat()
+    key = str(path.resolve())
+    stamp = (st.st_size, st.st_mtime_ns, want)
+    if _VERIFIED.get(key) == stamp:
+        return
+    vf = _verdict_file()
+    cache: dict = {}
+    if vf is not None and vf.exists():
+        try:
+            cache = json.loads(vf.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if not isinstance(cache, dict) or tuple(cache.get(key, ())) != stamp:
+        got = sha256_file(path)
+        if got != want:
+            raise DataCorruptError(f"{path} does not match its sha256 in {root / 'MANIFEST.md'} (expected "
+                                   f"{want[:12]}..., got {got[:12]}..., {st.st_size} bytes): the file is truncated "
+                                   "or modified. Restore it from the shared data folder (copy it again).")
+        if vf is not None:
+            cache = cache if isinstance(cache, dict) else {}
+            cache[key] = list(stamp)
+            try:  # atomic, unique temp name: concurrent workers never see half a file
+                fd, tmp = tempfile.mkstemp(prefix=".data-verified-", dir=vf.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(cache, f)
+                os.replace(tmp, vf)
+            except OSError:
+                pass  # a read-only cache only costs a re-hash next time
+    _VERIFIED[key] = stamp
+
+
+def read_data_text(path: Path) -> str:
+    """Read an offline data file as UTF-8 after :func:`verify_file`; errors name the file and the fix."""
+    verify_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataCorruptError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}). Restore it from the "
+                               "shared data folder, or convert it with `iconv -t utf-8`.") from None
+    except OSError as exc:
+        raise DataMissingError(f"{path} cannot be read ({exc.strerror or exc}). Check its permissions, or restore "
+                               "it from the shared data folder.") from None
+
+
+def _nonempty(docs: list[str], what: str) -> list[str]:
+    if not docs or not any(d.strip() for d in docs):
+        raise DataCorruptError(f"{what} holds no text (empty corpus). Restore the file from the shared data "
+                               "folder, or give files with a non-empty 'text' field.")
+    return docs
 
 
 def _c4_files() -> str | None:
@@ -157,10 +265,11 @@ def load_documents(name: str, split: str = "all", *, data_files: str | list[str]
     if src.startswith("offline:"):
         if name == "c4":
             return _load_json_texts(src.removeprefix("offline:"))
-        text = Path(src.removeprefix("offline:")).read_text(encoding="utf-8")
+        path = Path(src.removeprefix("offline:"))
+        text = read_data_text(path)
         if name == "fortunes":
-            return [t.strip() for t in text.split("\n%\n") if t.strip()]
-        return [text]
+            return _nonempty([t.strip() for t in text.split("\n%\n") if t.strip()], str(path))
+        return _nonempty([text], str(path))
     import datasets
 
     ds_name, cfg, sp = c.online[split]
@@ -177,10 +286,19 @@ def _load_json_texts(files: str | list[str]) -> list[str]:
     paths = sorted(glob.glob(files)) if isinstance(files, str) else list(files)
     if not paths:
         raise DataMissingError(f"no C4-format files match {files!r}; give JSON lines files with a 'text' field.")
-    ds = datasets.load_dataset("json", data_files=paths, split="train")
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataMissingError(f"C4-format file {p} is missing or not a file; give JSON lines files with a "
+                                   "'text' field (data_files= or SHRINK_C4_FILES).")
+    try:
+        ds = datasets.load_dataset("json", data_files=paths, split="train")
+    except Exception as exc:  # noqa: BLE001 - datasets raises several types for one cause: a bad file
+        raise DataCorruptError(f"the C4-format files {paths} cannot be read as JSON lines "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); each line must be a JSON object with "
+                               "a 'text' field. Fix or replace the files.") from None
     if "text" not in ds.column_names:
         raise DataMissingError(f"{paths[0]} has no 'text' field; C4-format files are JSON lines with 'text'.")
-    return list(ds["text"])
+    return _nonempty(list(ds["text"]), f"the C4-format files {paths}")
 
 
 def load_text(name: str, split: str = "all") -> str:
@@ -214,13 +332,15 @@ def calibration_windows(docs: list[torch.Tensor] | torch.Tensor, nsamples: int, 
     Returns:
         int64 tensor ``[nsamples, seqlen]``.
     """
+    check_int("nsamples", nsamples, fix="A calibration set needs at least one window (nsamples=16 is common).")
+    check_int("seqlen", seqlen, minimum=2, fix="Calibration windows need at least 2 tokens (seqlen=256 is common).")
     if isinstance(docs, torch.Tensor):
         docs = [docs]
     long_docs = [d for d in docs if d.numel() > seqlen]
     if not long_docs:
         longest = max((d.numel() for d in docs), default=0)
-        raise ValueError(f"no document is longer than seqlen={seqlen} tokens (longest: {longest}); "
-                         "use a shorter seqlen or a corpus with longer documents.")
+        raise BadInputError(f"no document is longer than seqlen={seqlen} tokens (longest: {longest}); "
+                            "use a shorter seqlen or a corpus with longer documents.")
     rng = random.Random(seed)
     out = torch.empty(nsamples, seqlen, dtype=torch.long)
     for s in range(nsamples):
@@ -254,10 +374,30 @@ def load_instructions(name: str, split: str = "train") -> list[dict]:
         rows = list(datasets.load_dataset(ds_name, cfg, split=sp))
     else:
         path = Path(src.removeprefix("offline:"))
-        text = path.read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(text)
+        rows = _parse_instructions(path, read_data_text(path))
     return [_normalise_instruction(r) for r in rows]
+
+
+def _parse_instructions(path: Path, text: str) -> list[dict]:
+    """JSON lines (``.jsonl``) or one JSON list of objects; errors name the file and the line."""
+    fix = "The file is truncated or not JSON: restore it from the shared data folder."
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as exc:
+                    raise DataCorruptError(f"{path}:{i}: not a JSON object ({exc.msg}). {fix}") from None
+    else:
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise DataCorruptError(f"{path}: invalid JSON at line {getattr(exc, 'lineno', '?')} "
+                                   f"({getattr(exc, 'msg', exc)}). {fix}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DataCorruptError(f"{path} must hold a non-empty list of JSON objects (instruction rows). {fix}")
+    return rows
 
 
 def _normalise_instruction(r: dict) -> dict:
@@ -279,6 +419,6 @@ def available() -> dict[str, dict]:
         for split in sorted(set(c.offline) | set(c.online)):
             try:
                 out[f"{name}/{split}"] = {"available": True, "source": source(name, split)}
-            except (DataMissingError, OfflineError) as exc:
+            except (DataMissingError, DataCorruptError, OfflineError) as exc:
                 out[f"{name}/{split}"] = {"available": False, "why": str(exc)}
     return out
