@@ -30,6 +30,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_status() -> str:
+    """``$SHRINK_DATA`` for the banner without the machine's path (published notebooks must not carry one):
+    ``"$SHRINK_DATA (ok)"`` when it holds ``MANIFEST.md``, ``"$SHRINK_DATA (no MANIFEST.md)"``, or
+    ``"(unset)"``."""
+    path = os.environ.get("SHRINK_DATA")
+    if not path:
+        return "(unset)"
+    ok = os.path.isfile(os.path.join(os.path.expanduser(path), "MANIFEST.md"))
+    return "$SHRINK_DATA (ok)" if ok else "$SHRINK_DATA (no MANIFEST.md)"
+
+
 def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
     """Prepare a notebook run; returns the banner as a dict (also printed unless ``quiet``).
 
@@ -52,7 +63,7 @@ def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
     if scale == "tiny":
         torch.use_deterministic_algorithms(True, warn_only=True)
     banner = {"scale": scale, "seed": seed, "device": env.device_name(), "online": env.online(),
-              "data": os.environ.get("SHRINK_DATA", "(unset)"), **env.versions()}
+              "data": data_status(), **env.versions()}
     if not quiet:
         print(" | ".join(f"{k}={v}" for k, v in banner.items()))
     return banner
