@@ -1,6 +1,8 @@
 """shrink.quant: the quantizer against naive per-element formulas, W8A8 wrapping, static calibration,
 SmoothQuant invariance."""
 
+import math
+
 import pytest
 import torch
 
@@ -255,3 +257,38 @@ def test_perturb_and_ranges_bad_input(tiny):
         with Q.quantized(model, w, a, ranges={}):
             pass
     assert not Q.quant_linears(model)                                   # unwrapped after the error
+
+
+def test_bits_context_noise_probes(one_thread, data_dir):
+    """ppl(perturb=, calib_seed=) are new cache keys; eps = 0 and the preset's calibration seed reproduce the
+    unperturbed record exactly (so the in-memory range reuse equals a fresh calibration)."""
+    import json
+
+    import shrink
+    from shrink import eval as ev, results
+    from shrink.quant.experiments import BitsContext, gap_closed, gap_closed_spread
+
+    cfg = shrink.scales.get("bits", "tiny")
+    ctx = BitsContext(cfg, "tiny")
+    w, a = cfg.specs("static")
+    base = ctx.ppl(w=w, a=a)["ppl"]
+    zero = ctx.ppl_spread(w=w, a=a, eps=0.0, seeds=(0, 1))
+    assert zero.values == (base, base) and zero.kind == "range perturbation"
+    assert ctx.calib_spread(w=w, a=a, seeds=(cfg.seed,)).values == (base,)
+    other = ctx.calib_spread(w=w, a=a, seeds=(cfg.seed + 1,))
+    wd, ad = cfg.specs("dynamic")
+    dyn = ctx.ppl(w=wd, a=ad)["ppl"]
+    assert ctx.ppl_spread(w=wd, a=ad, eps=0.0, seeds=(0,)).values == (dyn,)
+    big = ctx.ppl_spread(w=w, a=a, eps=0.2, seeds=(0,))               # a large perturbation does move it
+    assert big.values[0] != base
+    recs = [json.loads(p.read_text()) for p in (results.results_root() / "tiny" / "02-bits").glob("ppl-*.json")]
+    confs = [r["config"] for r in recs]
+    assert sum("perturb" not in c and c["calib"][-1] == cfg.seed for c in confs) == 2     # static + dynamic base
+    assert sum(c.get("perturb") == [0.0, 0] for c in confs) == 2 and any(c.get("perturb") == [0.2, 0] for c in confs)
+    assert any(c["calib"][-1] == cfg.seed + 1 for c in confs) and other.n == 1
+    # gap closed over pairs, on ppl and log-ppl
+    q, qp = ev.Spread([50.0, 52.0]), ev.Spread([34.0, 35.0])
+    g = gap_closed_spread(q, 31.0, qp, 30.0)
+    assert g.n == 4 and g.lo == gap_closed(50.0, 31.0, 35.0, 30.0) and g.hi == gap_closed(52.0, 31.0, 34.0, 30.0)
+    gl = gap_closed_spread(q, 31.0, qp, 30.0, log=True)
+    assert math.isclose(gl.lo, 1 - (math.log(35) - math.log(30)) / (math.log(50) - math.log(31)))

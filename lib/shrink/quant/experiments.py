@@ -7,6 +7,7 @@ Every perplexity goes through :func:`shrink.eval.perplexity` (``prefix=`` for Cu
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class BitsContext:
         self.cfg, self.scale = cfg, scale
         self._model = None
         self._tok = None
+        self._memo: dict = {}  # in-session reuse: calibrated ranges / smoothed model of the last config
 
     def _load(self):
         if self._model is None:
@@ -46,43 +48,96 @@ class BitsContext:
     def eval_tokens(self) -> torch.Tensor:
         return data.eval_tokens(self.tok, self.cfg.eval_corpus, self.cfg.eval_split)
 
-    def calib_ids(self) -> torch.Tensor:
+    def calib_ids(self, seed: int | None = None) -> torch.Tensor:
+        """Calibration windows ``[calib_nsamples, calib_seqlen]``; ``seed`` (default ``cfg.seed``) picks the draw."""
         c = self.cfg
         return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
-                                    seqlen=c.calib_seqlen, seed=c.seed)
+                                    seqlen=c.calib_seqlen, seed=c.seed if seed is None else seed)
 
-    def base_config(self) -> dict:
+    def base_config(self, calib_seed: int | None = None) -> dict:
         c = self.cfg
         return {"model": c.model, "eval": [c.eval_corpus, c.eval_split, c.seqlen, c.windows],
-                "calib": [c.calib_corpus, c.calib_split, c.calib_nsamples, c.calib_seqlen, c.seed]}
+                "calib": [c.calib_corpus, c.calib_split, c.calib_nsamples, c.calib_seqlen,
+                          c.seed if calib_seed is None else calib_seed]}
 
     def ppl(self, *, w: QuantSpec | None = None, a: QuantSpec | None = None, prefix: KVPrefix | None = None,
-            prefix_name: str = "none", smooth_alpha: float | None = None, tag: str = "") -> dict:
+            prefix_name: str = "none", smooth_alpha: float | None = None, tag: str = "",
+            perturb: tuple[float, int] | None = None, calib_seed: int | None = None) -> dict:
         """Cached perplexity of one configuration: ``{"ppl", "largest_range", "largest_range_at"}``.
 
         ``prefix_name`` must identify the prefix (token ids, or a file hash for tuned prefixes): it is part
         of the cache key. SmoothQuant (``smooth_alpha``) runs on a deep copy; the loaded model is never
         modified.
+
+        Noise probes (both part of the cache key; the defaults leave the key of every earlier record as it was):
+
+        * ``perturb=(eps, seed)``: every quantization range scaled by ``1 + eps*u``
+          (:func:`shrink.quant.fakequant.perturb_ranges`), after calibration.
+        * ``calib_seed``: another draw of the calibration windows (static ranges and SmoothQuant scales);
+          ``None`` or ``cfg.seed`` is the preset's draw.
+
+        Calibrated ranges and the smoothed model of the latest configuration are kept in memory, so a sweep
+        over perturbation seeds calibrates once.
         """
-        cfg = {**self.base_config(), "w": w.to_dict() if w else None, "a": a.to_dict() if a else None,
+        if perturb is not None:
+            if len(perturb) != 2:
+                raise ShrinkError(f"perturb must be (eps, seed), e.g. (1e-6, 0); got {perturb!r}")
+            perturb = (float(perturb[0]), int(perturb[1]))
+        if calib_seed is not None and calib_seed == self.cfg.seed:
+            calib_seed = None
+        cfg = {**self.base_config(calib_seed), "w": w.to_dict() if w else None, "a": a.to_dict() if a else None,
                "prefix": prefix_name, "smooth_alpha": smooth_alpha, "tag": tag}
+        if perturb is not None:
+            cfg["perturb"] = list(perturb)
 
         def run():
+            static = a is not None and a.static
             model = self.model
-            calib = self.calib_ids() if (a is not None and a.static) else None
             if smooth_alpha is not None:
-                model = copy.deepcopy(model)
-                smooth_model(model, act_scales(model, self.calib_ids(), prefix=prefix), smooth_alpha)
+                mkey = ("smooth", prefix_name, smooth_alpha, calib_seed)
+                if self._memo.get("smooth_key") != mkey:
+                    self._memo.pop("smooth_model", None)
+                    smoothed = copy.deepcopy(model)
+                    smooth_model(smoothed, act_scales(smoothed, self.calib_ids(calib_seed), prefix=prefix),
+                                 smooth_alpha)
+                    self._memo.update(smooth_key=mkey, smooth_model=smoothed)
+                model = self._memo["smooth_model"]
+            rkey = results.config_key({k: v for k, v in cfg.items() if k not in ("perturb", "tag", "eval")})
+            ranges = self._memo.get("ranges") if static and self._memo.get("ranges_key") == rkey else None
+            calib = self.calib_ids(calib_seed) if (static and ranges is None) else None
             out = {}
-            with quantized(model, w, a, calib_ids=calib, prefix=prefix):
-                if a is not None and a.static:
+            with quantized(model, w, a, calib_ids=calib, prefix=prefix, ranges=ranges, perturb=None):
+                if static and ranges is None:
+                    from .fakequant import quant_linears
+
+                    self._memo.update(ranges_key=rkey, ranges={n: (m.lo.clone(), m.hi.clone()) for n, m in
+                                                                quant_linears(model).items() if m.lo is not None})
+                if perturb is not None:
+                    from .fakequant import perturb_ranges
+
+                    perturb_ranges(model, *perturb)
+                if static:
                     out["largest_range_at"], out["largest_range"] = largest_static_range(model)
                 r = ev.perplexity(model, self.eval_tokens(), self.cfg.seqlen, max_windows=self.cfg.windows,
                                   prefix=prefix, dataset=self.cfg.eval_corpus, split=self.cfg.eval_split)
-            out.update(ppl=r.ppl, n_windows=r.n_windows, seconds=r.seconds)
+            out.update(ppl=r.ppl, nll=r.nll, n_windows=r.n_windows, seconds=r.seconds)
             return out
 
         return results.cached("ppl", cfg, run, scale=self.scale, chapter=CHAPTER)
+
+    def ppl_spread(self, *, seeds=None, eps: float | None = None, **kw) -> ev.Spread:
+        """Perplexity of one configuration under ``len(seeds)`` range perturbations (``cfg.perturb_seeds``,
+        ``eps = cfg.perturb_eps`` by default): a :class:`shrink.eval.Spread` of kind ``"range perturbation"``.
+        ``kw`` as in :meth:`ppl` (``w``, ``a``, ``prefix``, ``prefix_name``, ``smooth_alpha``, ``calib_seed``)."""
+        seeds = self.cfg.perturb_seeds if seeds is None else seeds
+        eps = self.cfg.perturb_eps if eps is None else eps
+        return ev.spread(lambda s: self.ppl(perturb=(eps, s), **kw)["ppl"], seeds, kind="range perturbation")
+
+    def calib_spread(self, *, seeds=None, **kw) -> ev.Spread:
+        """Perplexity of one configuration over calibration draws (``cfg.calib_seeds``; the preset's own seed
+        is one of them when listed): a :class:`shrink.eval.Spread` of kind ``"calibration draws"``."""
+        seeds = self.cfg.calib_seeds if seeds is None else seeds
+        return ev.spread(lambda s: self.ppl(calib_seed=s, **kw)["ppl"], seeds, kind="calibration draws")
 
 
 def search_texts(ctx: BitsContext) -> torch.Tensor:
@@ -155,17 +210,29 @@ def tuning_data(ctx: BitsContext) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
+def tuning_config(ctx: BitsContext, lambda_q: float | None = None, rounding_grad: str = "detach") -> dict:
+    """The config that determines a stage-2 run (its cache key; the stage-1 token ids come from the committed
+    search record)."""
+    c = ctx.cfg
+    lam = c.lambda_q if lambda_q is None else lambda_q
+    return {**ctx.base_config(), "search": run_search(ctx)["tokens"], "lambda_q": lam, "grad": rounding_grad,
+            "tune": [c.tune_steps, c.tune_lr, c.tune_batch_size, c.tune_seqlen, c.tune_nsamples, c.tune_val_nsamples]}
+
+
 def run_tuning(ctx: BitsContext, lambda_q: float | None = None, rounding_grad: str = "detach") -> dict:
-    """Stage 2 from the greedy prefix, cached as tensors: ``{"prefix": KVPrefix, "history": [...]}``.
+    """Stage 2 from the greedy prefix: ``{"prefix": KVPrefix, "history": [...]}``.
 
     ``lambda_q=None`` uses the preset's (0.01); ``0`` is plain prefix tuning (Table 3's "+ prefix tuning").
+    The tuned prefix (per layer ``[1, H_kv, P, d_head]`` float32 keys and values, ~46 KB at cpu) is stored
+    with the results, ``results/<scale>/02-bits/tensors/prefix-tuning-<hash>.safetensors`` (sha256 in the
+    JSON record beside it, with the token ids and the training history), keyed by :func:`tuning_config`;
+    the returned prefix carries ``origin = "tuned=<that key>"``, which :func:`prefix_key` uses.
     """
     from .cushioncache import tune_prefix
 
     c = ctx.cfg
     lam = c.lambda_q if lambda_q is None else lambda_q
-    conf = {**ctx.base_config(), "search": run_search(ctx)["tokens"], "lambda_q": lam, "grad": rounding_grad,
-            "tune": [c.tune_steps, c.tune_lr, c.tune_batch_size, c.tune_seqlen, c.tune_nsamples, c.tune_val_nsamples]}
+    conf = tuning_config(ctx, lambda_q, rounding_grad)
 
     def run():
         init = greedy_prefix(ctx)
@@ -179,23 +246,52 @@ def run_tuning(ctx: BitsContext, lambda_q: float | None = None, rounding_grad: s
                                   val_ids=val, eval_every=max(1, c.tune_steps // 4))
         return {"keys": tuned.keys, "values": tuned.values, "token_ids": tuned.token_ids, "history": hist}
 
-    out = results.cached_tensors(f"prefix-tuning-{ctx.scale}", conf, run)
-    return {"prefix": KVPrefix(out["keys"], out["values"], out["token_ids"]), "history": out["history"]}
+    out = results.cached_tensors("prefix-tuning", conf, run, scale=ctx.scale, chapter=CHAPTER)
+    prefix = KVPrefix(out["keys"], out["values"], out["token_ids"])
+    prefix.origin = f"tuned={results.config_key(conf)}"
+    return {"prefix": prefix, "history": out["history"]}
 
 
 def prefix_key(prefix: KVPrefix | None) -> str:
-    """A cache-key string for a prefix: token ids for token prefixes, a content hash for tuned ones."""
+    """The cache-key string of a prefix, from the config that made it (never from its computed values):
+
+    * ``"none"`` for no prefix;
+    * ``prefix.origin`` when set: ``"tuned=<key>"`` for :func:`run_tuning`'s output (the key of its
+      :func:`tuning_config`);
+    * ``"tokens=[ids]"`` otherwise: a prefix of :meth:`KVPrefix.from_tokens` (the model is in every ppl
+      config already).
+
+    A prefix made any other way (trained or edited by hand, loaded from a file) must be given an ``origin``
+    naming its config first; one with neither ``origin`` nor token ids raises :class:`ShrinkError`.
+    """
     if prefix is None:
         return "none"
-    h = float(sum(k.double().sum() * (i + 1) for i, k in enumerate(prefix.keys)))
-    return f"tokens={prefix.token_ids}|kvsum={h:.6e}"
+    origin = getattr(prefix, "origin", None)
+    if origin:
+        return str(origin)
+    if prefix.token_ids is None:
+        raise ShrinkError("this prefix has no token ids and no origin, so no config names it: set "
+                          "`prefix.origin = '<name>=<config key>'` (e.g. results.config_key of what made it) "
+                          "before caching results that use it.")
+    return f"tokens={list(prefix.token_ids)}"
 
 
-def gap_closed(ppl_q: float, ppl_fp: float, ppl_q_prefix: float, ppl_fp_prefix: float) -> float:
+def gap_closed(ppl_q: float, ppl_fp: float, ppl_q_prefix: float, ppl_fp_prefix: float, *, log: bool = False) -> float:
     """Fraction of the quantization gap closed by a prefix, each gap measured against full precision with
-    the *same* prefix (bits.md §4.4): ``1 - (q_p - fp_p) / (q - fp)``."""
+    the *same* prefix (bits.md §4.4): ``1 - (q_p - fp_p) / (q - fp)``; with ``log=True`` on log-perplexity
+    (mean NLL per token): ``1 - (ln q_p - ln fp_p) / (ln q - ln fp)``."""
+    if log:
+        ppl_q, ppl_fp, ppl_q_prefix, ppl_fp_prefix = (math.log(v) for v in (ppl_q, ppl_fp, ppl_q_prefix, ppl_fp_prefix))
     return 1.0 - (ppl_q_prefix - ppl_fp_prefix) / (ppl_q - ppl_fp)
 
 
-__all__ = ["BitsContext", "prefix_key", "gap_closed", "run_search", "search_texts", "search_candidates",
-           "greedy_prefix", "frozen_ranges", "tuning_data", "run_tuning"]
+def gap_closed_spread(q: ev.Spread, fp: float, q_prefix: ev.Spread, fp_prefix: float, *, log: bool = False) -> ev.Spread:
+    """:func:`gap_closed` over every pair (draw of ``q``, draw of ``q_prefix``): ``q.n * q_prefix.n`` values
+    (the perturbations of the two configurations are independent, so every pairing is a possible outcome).
+    ``fp`` / ``fp_prefix`` are full-precision numbers (they do not depend on quantization ranges)."""
+    vals = [gap_closed(x, float(fp), y, float(fp_prefix), log=log) for x in q.values for y in q_prefix.values]
+    return ev.Spread(tuple(vals), kind=f"{q.kind} pairs" if not q.kind.endswith("s") else q.kind)
+
+
+__all__ = ["BitsContext", "prefix_key", "gap_closed", "gap_closed_spread", "run_search", "search_texts", "search_candidates",
+           "greedy_prefix", "frozen_ranges", "tuning_data", "tuning_config", "run_tuning"]

@@ -111,6 +111,10 @@ class BitsPreset(Preset):
     tune_val_nsamples: int = 4
     lambda_q: float = 0.01
     low_bits: tuple = (6, 4)
+    # noise probes (issue 9): range perturbations 1 + eps*u (shrink.quant.perturb_ranges), calibration draws
+    perturb_eps: float = 1e-6
+    perturb_seeds: tuple = (0, 1, 2)
+    calib_seeds: tuple = (0, 1, 2)
 
     def check(self) -> None:
         if not 0.0 < self.tau <= 1.0:
@@ -121,6 +125,11 @@ class BitsPreset(Preset):
             raise PresetError("SmoothQuant alphas must lie in [0, 1]")
         if self.max_len < 1:
             raise PresetError(f"max_len must be >= 1, got {self.max_len}")
+        if not 0.0 <= self.perturb_eps < 0.5:
+            raise PresetError(f"perturb_eps is a relative range change in [0, 0.5) (1e-6: float noise), "
+                              f"got {self.perturb_eps}")
+        if not self.perturb_seeds or not self.calib_seeds:
+            raise PresetError("perturb_seeds and calib_seeds need at least one seed each, e.g. (0, 1, 2)")
 
     def specs(self, act: str, bits: int = 8) -> tuple[QuantSpec, QuantSpec]:
         """The chapter's default quantizers (:func:`cushioncache_paper` with this preset's group size)."""
@@ -151,7 +160,7 @@ register("bits", {
                        probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
                        max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3,
                        tune_seqlen=32, tune_nsamples=4,
-                       tune_val_nsamples=2, tune_lr=1e-2),
+                       tune_val_nsamples=2, tune_lr=1e-2, perturb_seeds=(0, 1, 2), calib_seeds=(0, 1)),
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
 })
