@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 
 executed = $(patsubst notebooks/%.md,build/executed/$(1)/%.ipynb,$(NB))
 
-.PHONY: help env run lab test test-lib test-slow notebooks nbval book tables kernels-check clean check-data lint
+.PHONY: help env run lab test test-browser test-lib test-slow notebooks nbval book tables kernels-check bench clean check-data lint
 help:
 	@echo "make run    - set up, execute every notebook at SCALE=$(SCALE) (default cpu) and build the book"
 	@echo "make test   - set up and run the full test suite (what CI runs)"
@@ -70,16 +70,32 @@ $(foreach s,tiny cpu paper,$(eval $(call NB_RULE,$(s))))
 
 notebooks: $(call executed,$(SCALE))
 
+# MathJax served from the book itself (no CDN): the npm package, installed into build/ by npm.
+MATHJAX_VERSION ?= 3.2.2
+MATHJAX_DIR := build/mathjax/node_modules/mathjax/es5
+$(MATHJAX_DIR)/tex-mml-chtml.js:
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
+	npm install --no-save --no-audit --no-fund --silent --prefix build/mathjax "mathjax@$(MATHJAX_VERSION)"
+	@test -f $@ && touch $@
+
 BOOK_SCALE ?= $(SCALE)
-book: $(call executed,$(BOOK_SCALE)) | $(STAMP)
-	rm -rf build/book && mkdir -p build/book
+book: $(call executed,$(BOOK_SCALE)) $(MATHJAX_DIR)/tex-mml-chtml.js | $(STAMP)
+	rm -rf build/book && mkdir -p build/book/_mathjax/mathjax
 	cp -r book/. build/book/
-	cd build/executed/$(BOOK_SCALE) && find . -name '*.ipynb' ! -name '*.failed.ipynb' \
-	  -exec install -D -m 644 {} ../../book/notebooks/{} \;
-	$(PY) -m shrink.report --scale $(BOOK_SCALE) --out build/book/results.md
+	cd $(MATHJAX_DIR) && cp -r tex-mml-chtml.js input output a11y ui adaptors $(CURDIR)/build/book/_mathjax/mathjax/
+	@# executed notebooks staged: papermill's injected-parameters cell hidden, machine paths rewritten
+	$(PY) -m shrink.report --scale $(BOOK_SCALE) --out build/book/results.md \
+	  --stage build/executed/$(BOOK_SCALE) build/book/notebooks
 	$(BIN)/jupyter-book build build/book -W -n --keep-going --quiet
 	rm -rf build/html && cp -r build/book/_build/html build/html
 	@echo "Book ($(BOOK_SCALE) scale) built: open $(abspath build/html/index.html)"
+
+# Headless Chromium (Debian's package) over every page of the built book: math typeset, images loaded,
+# no broken local link, no console error, no clipped table; screenshots in build/screenshots/.
+test-browser: | $(STAMP)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@test -f build/html/index.html || $(MAKE) book BOOK_SCALE=tiny
+	$(PY) -m pytest -q -p no:cacheprovider tests/book/browser_check.py
 
 run: $(STAMP) check-data
 	$(MAKE) book BOOK_SCALE=$(SCALE)
@@ -97,11 +113,16 @@ test: $(STAMP) check-data
 	$(MAKE) -j2 notebooks SCALE=tiny
 	$(MAKE) nbval
 	$(MAKE) book BOOK_SCALE=tiny
+	$(MAKE) test-browser
 	$(MAKE) kernels-check
 	SHRINK_REQUIRE_EXECUTED=1 $(MAKE) test-lib
 
 test-slow: $(STAMP) check-data
 	$(PY) -m pytest -m slow $(PYTEST_ARGS) tests
+
+# Speed against the anchors, as ratios measured in one process (not part of make test); records in results/bench/.
+bench: $(STAMP) check-data
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 kernels-check: | $(STAMP)
 	$(PY) -m shrink.ops --compile-check
