@@ -28,3 +28,121 @@ def savefig(fig, path: str | Path) -> Path:
     meta = {"Date": None} if path.suffix == ".svg" else {"Software": None}
     fig.savefig(path, metadata=meta, bbox_inches="tight")
     return path
+
+
+# --- statistical figures (seaborn) --------------------------------------------------------------------------
+
+#: Width of one x category that the hue levels share (seaborn's categorical default).
+_WIDTH = 0.8
+
+
+def _log_y(ax) -> None:
+    """Log y axis labelled with plain numbers (``60``, not ``6x10^1``), minor labels when the range is narrow."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _offsets(n: int) -> list[float]:
+    """Centres of ``n`` dodged hue levels inside one category (seaborn's ``stripplot(dodge=True)`` layout)."""
+    return [(j + 0.5) * _WIDTH / n - _WIDTH / 2 for j in range(n)]
+
+
+def spread_plot(data, *, x: str, y: str, hue: str | None = None, lo: str | None = None, hi: str | None = None,
+                order=None, hue_order=None, palette=None, log: bool = False, ax=None, legend: bool = True,
+                markersize: float = 7.0):
+    """Per-seed spread: every value as a point, and per group the **mean with a [min, max] bar**.
+
+    The handbook's figure for "numbers with their noise" (one point per seed, calibration draw or
+    perturbation; the bar is the range the prose and the asserts talk about, never a standard error).
+
+    Args:
+        data: tidy ``pandas.DataFrame``, one row per value (e.g. one row per seed).
+        x: categorical column on the x axis; ``hue``: optional categorical column, dodged within each x.
+        y: the numeric column.
+        lo, hi: optional columns with each value's *own* band (e.g. a :class:`shrink.eval.Spread` of range
+            perturbations behind one seed's perplexity), drawn as a thin vertical bar through the point.
+        order, hue_order: category orders (default: order of first appearance).
+        palette: seaborn palette (default ``"deep"``); ``log``: log-scaled y axis.
+        ax: matplotlib axes to draw into (default: a new ``matplotlib.figure.Figure`` that pyplot does not
+            manage, so notebooks show it only when displayed).
+
+    Returns:
+        the axes. Means and ranges are drawn with
+        ``seaborn.pointplot(errorbar=("pi", 100))``, whose percentile interval 0-100 is exactly [min, max];
+        the individual values sit just left of their group's mean marker.
+
+    Used by :mod:`shrink.explore`; chapters call it directly for per-seed tables turned into figures::
+
+        plotting.spread_plot(df, x="scheme", y="ppl", hue="pruner", log=True)
+    """
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        ax = Figure(figsize=STYLE["figure.figsize"]).subplots()
+    df = pd.DataFrame(data)
+    order = list(order) if order is not None else list(dict.fromkeys(df[x]))
+    hues = (list(hue_order) if hue_order is not None else list(dict.fromkeys(df[hue]))) if hue else [None]
+    colors = sns.color_palette(palette or "deep", max(len(hues), 1))
+    # categorical axes want strings; keep the caller's order
+    df = df.assign(**{x: df[x].astype(str)}, **({hue: df[hue].astype(str)} if hue else {}))
+    order_s, hues_s = [str(v) for v in order], [str(v) for v in hues] if hue else None
+    pal = dict(zip(hues_s, colors)) if hue else None
+    kw = dict(data=df, x=x, y=y, order=order_s, ax=ax)
+    if hue:
+        kw.update(hue=hue, hue_order=hues_s, palette=pal)
+    else:
+        kw.update(color=colors[0])
+    n = len(hues)
+    sns.pointplot(**kw, dodge=(_WIDTH - _WIDTH / n) if (hue and n > 1) else False, estimator="mean",
+                  errorbar=("pi", 100), linestyle="none", markers="D", markersize=markersize, capsize=0.06,
+                  err_kws={"linewidth": 1.4}, legend=bool(hue) and legend, zorder=4)
+    # the individual values (and their own bands) just left of their group's mean marker
+    offs = _offsets(n) if hue and n > 1 else [0.0]
+    shift = 0.3 * _WIDTH / max(n, 1) if hue else 0.15
+    for i, xv in enumerate(order_s):
+        for j, hv in enumerate(hues_s or [None]):
+            sel = df[(df[x] == xv) & ((df[hue] == hv) if hue else True)]
+            if not len(sel):
+                continue
+            pos = [i + offs[j] - shift] * len(sel)
+            if lo and hi:
+                ax.vlines(pos, sel[lo], sel[hi], color=colors[j], alpha=0.45, linewidth=2.5, zorder=2)
+            ax.scatter(pos, sel[y], s=(markersize * 0.8) ** 2, color=colors[j], alpha=0.6, edgecolor="white",
+                       linewidth=0.5, zorder=3)
+    if log:
+        _log_y(ax)
+    if hue and legend and ax.get_legend() is not None:
+        ax.legend(title=hue, fontsize=8, title_fontsize=8)
+    return ax
+
+
+def curve_plot(data, *, x: str, y: str, hue: str | None = None, hue_order=None, palette=None,
+               log: bool = False, ax=None, legend: bool = True):
+    """Curves with their spread: the mean over the repeated draws and a [min, max] band (``seaborn.lineplot``
+    with ``errorbar=("pi", 100)``); ``data`` is long-format (one row per draw and x), e.g. the per-block
+    error of every seed. With one draw per curve it is a plain line."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        ax = Figure(figsize=STYLE["figure.figsize"]).subplots()
+    df = pd.DataFrame(data)
+    kw = {}
+    if hue:
+        hues = [str(v) for v in (hue_order if hue_order is not None else dict.fromkeys(df[hue]))]
+        df = df.assign(**{hue: df[hue].astype(str)})
+        kw = dict(hue=hue, hue_order=hues, palette=dict(zip(hues, sns.color_palette(palette or "deep", len(hues)))))
+    repeated = len(df) and df.groupby([hue, x] if hue else [x]).size().max() > 1  # a band only over >1 draw
+    sns.lineplot(data=df, x=x, y=y, estimator="mean", errorbar=("pi", 100) if repeated else None, ax=ax,
+                 legend=legend, **kw)
+    if log:
+        _log_y(ax)
+    if hue and legend and ax.get_legend() is not None:
+        ax.legend(title=hue, fontsize=8, title_fontsize=8)
+    return ax
