@@ -18,7 +18,9 @@ Introduced in: notebooks/00-start/00-tour.md
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -31,7 +33,8 @@ import torch
 from torch import nn
 
 from . import env
-from .errors import CacheCorruptError, OfflineError, UnknownNameError, UnsupportedModelError
+from .errors import (BadInputError, CacheCorruptError, DeviceError, OfflineError, UnknownNameError,
+                     UnsupportedModelError)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -165,6 +168,12 @@ def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
         load seconds, whether a stand-in was used).
     """
     t0 = time.perf_counter()
+    if not isinstance(name, str) or not name:
+        raise BadInputError(f"model name must be a non-empty string, got {name!r}; registry names: "
+                            f"{', '.join(MODELS)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadInputError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+    device = check_device(device)
     info: dict = {"name": name, "standin": False}
     if name not in MODELS and os.environ.get("SHRINK_STANDINS") == "1" and name in STANDINS:
         info.update(standin=True, standin_for=name)
@@ -194,6 +203,27 @@ def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
     return model, tok
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; :class:`DeviceError` otherwise (``"cuda"`` without
+    CUDA, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac, a typo)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"{device!r} is not a device ({exc}); use 'cpu' or 'cuda'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device={device!r} but CUDA is not available on this machine (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r} but this machine has {torch.cuda.device_count()} GPU(s); "
+                              "use 'cuda:0'.")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device={device!r} but MPS is not available here; use device='cpu'.")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise DeviceError(f"device={device!r} is not supported by Shrink; use 'cpu' or 'cuda'.")
+    return dev
+
+
 def _load_hub(name: str, dtype: torch.dtype):
     if not env.online():
         hint = (f" Offline stand-in for tests: SHRINK_STANDINS=1 maps it to {STANDINS[name]}."
@@ -202,8 +232,14 @@ def _load_hub(name: str, dtype: torch.dtype):
                            f"set SHRINK_ONLINE=1; offline, use a registry model ({', '.join(MODELS)}).{hint}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:  # no network, no such repo, gated repo without a token: one clear message
+        raise OfflineError(f"cannot load {name!r} from the Hugging Face Hub ({str(exc).splitlines()[0][:300]}). "
+                           "Check the network (SHRINK_ONLINE=1 needs internet), the id's spelling, and HF_TOKEN "
+                           f"for gated models; offline, use a registry model ({', '.join(MODELS)}).") from None
+    return model, tok
 
 
 def _build_tiny(spec: ModelSpec, dtype: torch.dtype, seed: int):
@@ -282,31 +318,109 @@ def load_smollm2_from_gguf(dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_manifest(folder: Path) -> dict[str, dict]:
+    """``{file: {"size", "sha256"}}`` of every file in a cache folder except the markers (``DONE``, ``VERIFIED``)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in ("DONE", "VERIFIED")}
+
+
+def verify_cache(folder: Path) -> bool:
+    """Check a model cache folder against the content hashes its ``DONE`` marker stores.
+
+    Cheap on every load: sizes always; a file's sha256 only when its ``(size, mtime)`` differs from the
+    last verified one (kept in ``VERIFIED``). Returns False for an entry from an older Shrink whose ``DONE``
+    has no hashes (the caller rebuilds it); raises :class:`CacheCorruptError` naming the file on a mismatch.
+    """
+    fix = f"Delete the folder (`rm -r {folder}`) and load again: it is rebuilt from the GGUF."
+    try:
+        text = (folder / "DONE").read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CacheCorruptError(f"{folder / 'DONE'} cannot be read ({exc}). {fix}") from None
+    if text.startswith("from ") and text.strip().endswith(".gguf"):  # the marker older Shrink versions wrote
+        return False
+    try:
+        files = json.loads(text)["files"]
+        assert isinstance(files, dict) and all({"size", "sha256"} <= set(v) for v in files.values())
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise CacheCorruptError(f"{folder / 'DONE'} is not a valid cache marker. {fix}") from None
+    try:
+        verified = json.loads((folder / "VERIFIED").read_text())
+    except (OSError, ValueError):
+        verified = {}
+    changed = False
+    for fname, want in files.items():
+        p = folder / fname
+        if not p.is_file():
+            raise CacheCorruptError(f"the cached model in {folder} lacks {fname}. {fix}")
+        st = p.stat()
+        if st.st_size != want["size"]:
+            raise CacheCorruptError(f"{p} has {st.st_size} bytes, {want['size']} expected (truncated). {fix}")
+        stamp = [st.st_size, st.st_mtime_ns]
+        if isinstance(verified, dict) and verified.get(fname) == stamp:
+            continue
+        if _sha256(p) != want["sha256"]:
+            raise CacheCorruptError(f"{p} does not match the sha256 stored when the cache was built (the file "
+                                    f"was modified or damaged). {fix}")
+        verified = verified if isinstance(verified, dict) else {}
+        verified[fname], changed = stamp, True
+    if changed:
+        try:
+            tmp = folder / f".VERIFIED.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(verified))
+            os.replace(tmp, folder / "VERIFIED")
+        except OSError:  # read-only cache: hashed again next time, same verdict
+            pass
+    return True
+
+
 def _load_smollm2(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = smollm2_cache_path()
     if (cache / "DONE").exists():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(cache)
+        if verify_cache(cache):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+                tok = AutoTokenizer.from_pretrained(cache)
+            except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt entry
+                raise CacheCorruptError(f"the cached SmolLM2 copy in {cache} cannot be read ({exc}). Delete that "
+                                        "folder (`rm -r` it) and load again: it is rebuilt from the GGUF.") from exc
             return model, tok, "cache"
-        except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt entry
-            raise CacheCorruptError(f"the cached SmolLM2 copy in {cache} cannot be read ({exc}). Delete that "
-                                    "folder (`rm -r` it) and load again: it is rebuilt from the GGUF.") from exc
+        print(f"[shrink.models] {cache} was built by an older Shrink without content hashes: rebuilding it "
+              "from the GGUF (once, ~30 s)", flush=True)
+    env.writable_dir(cache.parent, "SHRINK_CACHE")  # before the slow dequantization, not after it
+    for leftover in (".tmp-", f".old-{cache.name}-"):  # folders of killed builds (~540 MB each)
+        env.clean_stale_temps(cache.parent, leftover)
     model, tok = load_smollm2_from_gguf(dtype)
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    tmp = env.temp_dir(cache.parent, ".tmp-")  # .tmp-<pid>-*: a killed build's folder is removed next time
     try:  # atomic: write to a temporary folder, then rename; an interrupted save leaves no half entry
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "DONE").write_text(f"from {smollm2_gguf_path().name}\n")
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
+        env.fix_permissions(tmp)  # 0755/0644 (umask), not mkdtemp's 0700: a shared cache must be readable
+        files = content_manifest(tmp)
+        (tmp / "DONE").write_text(json.dumps({"from": smollm2_gguf_path().name, "files": files}, indent=1))
+        old = cache.with_name(f".old-{cache.name}-{os.getpid()}")
+        try:  # move the old entry aside (atomic), then the new one in (atomic)
+            os.replace(cache, old)
+        except OSError:
+            pass
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process put a complete entry there first: keep it, ours is the same
+            pass
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
