@@ -1,0 +1,49 @@
+"""Presets of the data chapter (notebooks 04a-04e) per scale.
+
+``tiny``  a seeded subset of every offline domain (60 chunks each), k = 40: invariants, minutes.
+``cpu``   the whole offline pool (~22k chunks of 128 words; 699 WikiText chunks when ``with_wiki``),
+          k = 500 (below the number of WikiText chunks, so precision 1 is attainable), seeds 0-2.
+``paper`` the paper's setting needs The Pile (online, ``stream_hf_chunks``) and 10M-100M selections; the
+          preset keeps the official hyperparameters (10k buckets, unigrams + bigrams, length >= 100).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..scales import Preset, PresetError, register
+from .pools import DOMAINS
+
+
+@dataclass(frozen=True)
+class DataPreset(Preset):
+    """Pool, target and DSIR knobs (official defaults: 10,000 buckets, ngrams 2, min length 100)."""
+
+    pool_source: str = "offline"  # "offline" (shrink.data corpora) | a datasets id streamed online
+    domains: tuple = DOMAINS
+    words: int = 128
+    max_per_domain: int | None = None
+    target_max_chunks: int | None = None
+    num_buckets: int = 10000
+    ngrams: int = 2
+    min_example_length: int = 100
+    k: int = 500
+    seeds: tuple = (0, 1, 2)
+    kl_alpha: float = 1.0
+
+    def check(self) -> None:
+        if self.k <= 0 or self.words <= 0 or self.num_buckets <= 0:
+            raise PresetError("DataPreset: k, words and num_buckets must be positive")
+        if self.ngrams not in (1, 2):
+            raise PresetError(f"DataPreset.ngrams must be 1 or 2, got {self.ngrams}")
+        if not self.seeds:
+            raise PresetError("DataPreset.seeds must name at least one seed (>= 3 for findings)")
+        if self.kl_alpha < 0:
+            raise PresetError(f"DataPreset.kl_alpha must be >= 0, got {self.kl_alpha}")
+
+
+register("data", {
+    "tiny": DataPreset(model="tiny-llama", max_per_domain=60, target_max_chunks=200, k=40),
+    "cpu": DataPreset(model="smollm2-135m", k=500),
+    "paper": DataPreset(model="smollm2-135m", pool_source="EleutherAI/pile", k=10_000_000),
+})
