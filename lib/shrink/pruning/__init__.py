@@ -8,7 +8,7 @@ Minimization" (Shin, Park, Lee, Lee; EMNLP 2024) on top of SparseGPT (Frantar & 
 - :mod:`~shrink.pruning.magnitude`   per-matrix magnitude pruning
 - :mod:`~shrink.pruning.wanda`       Wanda scores and per-row masks
 - :mod:`~shrink.pruning.sparsegpt`   SparseGPT's OBS solve (shared-Hessian groups)
-- :mod:`~shrink.pruning.stats`       input statistics shared by linears that read the same tensor
+- :mod:`~shrink.obs`                 (core) input statistics, inverse-Hessian factor, OBS sweep — shared with quant
 - :mod:`~shrink.pruning.sequential`  the block loop with sparse and dense streams (:func:`prune_model`)
 - :mod:`~shrink.pruning.reconstruct` BR / GP / CR training with fixed masks
 - :mod:`~shrink.pruning.metrics`     the normalised reconstruction error (App. A)
@@ -25,8 +25,9 @@ from .metrics import block_error
 from .reconstruct import ReconConfig, reconstruct
 from .sequential import (PRUNERS, SCHEMES, PruneResult, PruneSpec, dense_streams, memory_estimate, prune_model,
                          select_linears)
-from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from .stats import InputStats, StatsCollector
+from ..obs import inverse_hessian_factor
+from .sparsegpt import sparsegpt_prune
+from ..obs import InputStats, StatsCollector
 from .selfgen import looks_english, self_generate
 from .wanda import wanda_mask, wanda_scores
 

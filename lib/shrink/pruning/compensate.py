@@ -94,7 +94,7 @@ def compensate_model(sparse_model: nn.Module, dense_model: nn.Module, calib_ids:
     """
     from ..models import BlockRunner
     from .sequential import _map_block, embed_all, select_linears
-    from .stats import StatsCollector
+    from ..obs import StatsCollector
 
     if rank <= 0 and not bias:
         raise PruningError("compensate_model needs rank > 0 or bias=True")

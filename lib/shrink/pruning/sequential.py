@@ -6,7 +6,7 @@ blocks for CR):
 
 1. **statistics**: the still-dense block runs on the *sparse stream* ``x_i`` (output of the already pruned
    blocks) over the first ``N`` calibration sequences; forward hooks accumulate Wanda's ``||X_j||^2`` or
-   SparseGPT's Hessian once per group of linears sharing an input (:mod:`shrink.pruning.stats`). The same
+   SparseGPT's Hessian once per group of linears sharing an input (:mod:`shrink.obs`). The same
    forward gives the BR target ``g_i(w_bar_i; x_i)`` (Eq. 2). Extra sequences (self-generated data) never
    enter the statistics, only the reconstruction loss (as in the official code);
 2. the **dense stream** ``x_bar_{i+1} = g_i(w_bar_i; x_bar_i)`` is advanced before the block is pruned (or read
@@ -40,7 +40,7 @@ from .masks import MaskSet, Pattern, PruningError, check_mask, parse_pattern
 from .metrics import block_error
 from .reconstruct import ReconConfig, reconstruct
 from .sparsegpt import sparsegpt_prune
-from .stats import StatsCollector
+from ..obs import StatsCollector
 from .wanda import wanda_mask
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -81,6 +81,13 @@ class PruneSpec:
         if self.targets not in TARGETS:
             raise PruningError(f"unknown targets {self.targets!r}; use one of {TARGETS}")
         parse_pattern(self.pattern, self.sparsity)
+        for name in ("blocksize", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PruningError(f"PruneSpec.{name} must be a positive integer, got {v!r} (defaults: blocksize=128, "
+                                   "batch=8)")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
+            raise PruningError(f"PruneSpec.percdamp must be in (0, 1), got {self.percdamp!r} (SparseGPT uses 0.01)")
         self.recon.check()
         return self
 
@@ -223,9 +230,19 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, spec: PruneSpec, *,
     pat = spec.pat
     runner = BlockRunner(model)
     L = len(runner)
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise PruningError("calib_ids must be int64 [N, T], got " + (f"{calib_ids.dtype} {tuple(calib_ids.shape)}"
+                           if isinstance(calib_ids, torch.Tensor) else type(calib_ids).__name__)
+                           + "; build it with shrink.data.calibration_set().")
     n_cal = calib_ids.shape[0]
-    if calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
-        raise PruningError(f"calib_ids must be int64 [N, T], got {calib_ids.dtype} {tuple(calib_ids.shape)}")
+    if n_cal == 0 or calib_ids.shape[1] < 2:
+        raise PruningError(f"calib_ids is empty ({tuple(calib_ids.shape)}): pruning needs calibration windows; "
+                           "pass shrink.data.calibration_set(tok, nsamples=16, seqlen=256) or similar.")
+    for b, blk in enumerate(runner.blocks):
+        for name, p in blk.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise PruningError(f"block {b} {name} holds NaN/inf weights before pruning: the model is broken "
+                                   "(a corrupt cache or a diverged update). Reload it (shrink.models.load) first.")
     if extra_ids is not None and extra_ids.shape[1:] != calib_ids.shape[1:]:
         raise PruningError(f"extra_ids must have the calibration length {calib_ids.shape[1]}, "
                            f"got shape {tuple(extra_ids.shape)}")
