@@ -203,6 +203,17 @@ def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
     return model, tok
 
 
+def known_context(name: str) -> int | None:
+    """Positions a registry model covers, known without loading it (None for Hub ids: read after loading
+    with :func:`max_context`)."""
+    spec = MODELS.get(name)
+    if spec is None:
+        return None
+    if "max_position_embeddings" in spec.config:
+        return int(spec.config["max_position_embeddings"])
+    return {"gguf-package": 8192, "encoder-package": 512}.get(spec.kind)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device`` that exists here; :class:`DeviceError` otherwise (``"cuda"`` without
     CUDA, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac, a typo)."""

@@ -28,7 +28,7 @@ PRESET_MODULES = ("shrink.pruning.presets", "shrink.quant.presets", "shrink.toke
                   "shrink.selection.presets")
 
 _REGISTRY: dict[str, dict[str, "Preset"]] = {}
-_POSITIVE_SUFFIXES = ("seqlen", "nsamples", "windows", "batch_size", "epochs", "steps")
+_POSITIVE_SUFFIXES = ("seqlen", "nsamples", "windows", "batch_size", "epochs", "steps", "group_size")
 
 
 class PresetError(ShrinkError, ValueError):
@@ -39,24 +39,53 @@ class PresetError(ShrinkError, ValueError):
 class Preset:
     """Base of every preset: the model and the seed. Subclasses add their experiment's knobs.
 
-    Validation (:meth:`validate`): integer fields whose names end in ``seqlen``, ``nsamples``, ``windows``,
-    ``batch_size``, ``epochs`` or ``steps`` must be positive (``None`` allowed for "all"); fractions named
-    ``sparsity`` must lie in [0, 1); subclasses may add checks in :meth:`check`.
+    Validation (:meth:`validate`, run when a preset is registered and by :meth:`with_`): integer fields whose names end in ``seqlen``, ``nsamples``,
+    ``windows``, ``batch_size``, ``epochs``, ``steps`` or ``group_size`` must be positive (``None`` allowed
+    for "all"); fields ending in ``bits`` are integers in [2, 16] (tuples: each); fractions named
+    ``sparsity`` lie in [0, 1); a field ``X_corpus`` (or ``corpus``) names a registered corpus and its
+    ``X_split`` one of that corpus's splits; for registry models every ``*seqlen`` fits the model's context.
+    Subclasses add checks in :meth:`check`.
     """
 
     model: str
     seed: int = 0
 
     def validate(self) -> "Preset":
+        from . import data, models
+
+        cls = type(self).__name__
         if not isinstance(self.model, str) or not self.model:
-            raise PresetError(f"{type(self).__name__}.model must be a model name, got {self.model!r}")
+            raise PresetError(f"{cls}.model must be a model name, got {self.model!r}")
+        context = models.known_context(self.model)
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name.endswith(_POSITIVE_SUFFIXES) and v is not None:
                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                    raise PresetError(f"{type(self).__name__}.{f.name} must be a positive integer, got {v!r}")
-            if f.name.endswith("sparsity") and v is not None and not (0.0 <= float(v) < 1.0):
-                raise PresetError(f"{type(self).__name__}.{f.name} must be in [0, 1), got {v!r}")
+                    raise PresetError(f"{cls}.{f.name} must be a positive integer, got {v!r}")
+            if f.name.endswith("bits") and v is not None:
+                for b in (v if isinstance(v, tuple) else (v,)):
+                    if not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 16:
+                        raise PresetError(f"{cls}.{f.name} must be integer bit widths in [2, 16], got {v!r}")
+            if f.name.endswith("sparsity") and v is not None:
+                try:
+                    ok = 0.0 <= float(v) < 1.0
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok or isinstance(v, (str, bool)):
+                    raise PresetError(f"{cls}.{f.name} must be a number in [0, 1), got {v!r}")
+            if (f.name == "corpus" or f.name.endswith("_corpus")) and v is not None:
+                if v not in data.CORPORA:
+                    raise PresetError(f"{cls}.{f.name}={v!r} is not a corpus; known corpora: {', '.join(data.CORPORA)}")
+                split_field = f.name[: -len("corpus")] + "split"
+                split = getattr(self, split_field, None)
+                c = data.CORPORA[v]
+                splits = sorted(set(c.offline) | set(c.online))
+                if split is not None and split not in splits:
+                    raise PresetError(f"{cls}.{split_field}={split!r} is not a split of {v!r}; splits: "
+                                      f"{', '.join(splits)}")
+            if context and f.name.endswith("seqlen") and isinstance(v, int) and v > context:
+                raise PresetError(f"{cls}.{f.name}={v} exceeds the {context}-position context of {self.model}; "
+                                  f"use {f.name} <= {context}.")
         self.check()
         return self
 
@@ -67,7 +96,19 @@ class Preset:
         return dataclasses.asdict(self)
 
     def with_(self, **changes) -> "Preset":
-        """A validated copy with some fields changed (e.g. a notebook parameter override)."""
+        """A validated copy with some fields changed (e.g. a notebook parameter override).
+
+        An unknown field name (a typo such as ``seqlenn``) raises :class:`PresetError` naming the closest field.
+        """
+        names = [f.name for f in fields(self)]
+        unknown = [k for k in changes if k not in names]
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" if h else f"{k!r}: no such field" for k, h in hints.items())
+            raise PresetError(f"{type(self).__name__} has no field(s) {', '.join(map(repr, unknown))} ({hint}). "
+                              f"Fields: {', '.join(names)}.")
         return replace(self, **changes).validate()
 
 

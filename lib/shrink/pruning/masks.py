@@ -54,8 +54,13 @@ def parse_pattern(pattern: str, sparsity: float = 0.5) -> Pattern:
 
     Raises :class:`PruningError` for anything else.
     """
-    if not (0.0 <= float(sparsity) < 1.0):
-        raise PruningError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    try:
+        ok = not isinstance(sparsity, (str, bool)) and 0.0 <= float(sparsity) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PruningError(f"sparsity must be a number in [0, 1), got {sparsity!r}; e.g. sparsity=0.5 (half the "
+                           "weights), or an N:M pattern such as '2:4'.")
     if pattern == "unstructured":
         return Pattern(float(sparsity))
     match = re.fullmatch(r"(\d+):(\d+)", str(pattern))

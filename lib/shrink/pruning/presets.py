@@ -60,6 +60,17 @@ class PruningPreset(Preset):
             raise PresetError(f"unknown pruners/schemes {bad}; pruners {PRUNERS}, schemes {SCHEMES}")
         if self.lr <= 0 or not self.seeds:
             raise PresetError("lr must be > 0 and seeds non-empty")
+        from .masks import PruningError, parse_pattern
+
+        for field_name, pats in (("pattern", (self.pattern,)), ("patterns", self.patterns)):
+            for pat in pats:
+                try:
+                    parse_pattern(pat, self.sparsity)
+                except PruningError as exc:
+                    raise PresetError(f"{type(self).__name__}.{field_name}: {exc}") from None
+        for s in self.sweep_sparsities:
+            if isinstance(s, (str, bool)) or not 0.0 <= float(s) < 1.0:
+                raise PresetError(f"{type(self).__name__}.sweep_sparsities must be fractions in [0, 1), got {s!r}")
 
 
 _TINY = dict(model="tiny-llama", sweep_sparsities=(0.3, 0.5, 0.7), calib_corpus="shakespeare", calib_split="all", calib_nsamples=8, calib_seqlen=64,
