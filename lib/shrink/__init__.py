@@ -10,6 +10,7 @@ The package is thin on purpose: notebooks compose these modules.
 - :mod:`shrink.results`  JSON result records and the ``cached`` helper
 - :mod:`shrink.scales`   typed presets per experiment and scale (``tiny``, ``cpu``, ``paper``)
 - :mod:`shrink.notebook` the one setup call of every notebook
+- :mod:`shrink.explore`  interactive explorers over result rows (widgets in JupyterLab, static figure headless)
 """
 
 from importlib import import_module
@@ -17,7 +18,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _SUBMODULES = ("models", "data", "eval", "results", "scales", "notebook", "plotting", "env", "errors", "probe",
-               "ops", "pruning", "quant", "report")
+               "ops", "pruning", "quant", "report", "explore", "lab")
 
 
 def __getattr__(name):  # lazy: `import shrink` stays fast, `shrink.models` works without extra imports

@@ -191,6 +191,7 @@ class Explorer:
         """The figure for one selection (``dim=value`` keywords; every dimension at ``(all)`` by default):
         curve panels first, then metric panels; a ``matplotlib.figure.Figure`` that pyplot does not manage."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         from . import plotting
 
@@ -223,6 +224,7 @@ class Explorer:
                 plotting.curve_plot(part, x=self.curve_x, y="value", hue=hue, hue_order=hue_order, log=self.log_curve,
                                     ax=ax, legend=(k == 0))
                 ax.set(title=", ".join(f"{v}" for v in (xv, *fc)), ylabel=curve if k % ncols == 0 else "")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             else:
                 part = table
                 for f, v in zip(facets, key):
