@@ -1,0 +1,121 @@
+"""Weight-only quantization: round-to-nearest (RTN) and GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, ICLR 2023).
+
+Layer-wise problem (GPTQ Eq. 1): ``argmin_{W_hat on the grid} ||W X - W_hat X||^2`` with the Hessian
+``H = 2 X X^T`` of the calibration inputs (``shrink.obs.InputStats``). GPTQ (Algorithm 1) quantizes one column
+at a time in a fixed order and moves the rounding error onto the not-yet-quantized columns with the OBS update
+(Eq. 2-3), using the upper Cholesky factor of ``H^-1`` and lazy batches of 128 columns — the same sweep as
+SparseGPT (:func:`shrink.obs.obs_sweep`), with the grid point as the column's target instead of zero.
+
+Choices (the official ``IST-DASLab/gptq`` code, ``gptq.py::fasterquant``; documented where we differ):
+
+* the grid is :class:`shrink.quant.QuantSpec`'s (asymmetric min/max with the range widened to hold 0, as
+  GPTQ's ``find_params``; symmetric = shrink's narrow abs-max grid ``qmin = -qmax``, **not** GPTQ's
+  ``sym`` which is an asymmetric grid with the zero point fixed at the middle);
+* per-channel (``granularity="channel"``): one scale per output row, computed once from the full matrix before
+  the sweep (official);
+* groups (``granularity="group"``): the scale of a group is computed when the sweep reaches its first column,
+  from the matrix *as it is at the start of the current lazy block* (the official code reads ``W``, not the
+  block's running copy) — the grid therefore already reflects the error moved in from earlier blocks;
+* ``act_order``: columns in order of decreasing ``diag(H)`` (official ``--act-order``), groups follow the
+  permuted order (official default, no ``static_groups``); the result is un-permuted;
+* dead inputs (``H_ii = 0``) get weight 0 and ``H_ii = 1``; damping ``0.01 * mean(diag H)``.
+
+Linears that share an input (q/k/v, gate/up) can be solved together (rows stacked): the grid is per row, so the
+result equals solving each alone (tested).
+
+Introduced in: notebooks/02-bits/ (weight-only chapter, issue 15)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..obs import inverse_hessian_factor, obs_sweep
+from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
+
+
+def _check_weight_spec(spec: QuantSpec) -> None:
+    if spec.granularity not in ("channel", "token", "group", "tensor"):
+        raise QuantError(f"weight quantization needs granularity 'channel', 'group' or 'tensor', got "
+                         f"{spec.granularity!r} (per input column makes no sense for a weight)")
+    if spec.static:
+        raise QuantError("weights are quantized once; QuantSpec.static is for activations — leave it False")
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest on ``spec``'s grid: float ``[out, in]`` -> same shape and dtype (the baseline)."""
+    _check_weight_spec(spec)
+    return fake_quant(weight, spec)
+
+
+def _column_quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize one column ``w [rows]`` with per-row scale ``s [rows]`` and zero point ``z [rows]``."""
+    return (torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax) - z) * s
+
+
+@torch.no_grad()
+def gptq_quantize(weights: list[torch.Tensor], H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, dtype: torch.dtype = torch.float32
+                  ) -> list[torch.Tensor]:
+    """GPTQ (Algorithm 1) for one or more weight matrices that share the input Hessian ``H``.
+
+    Args:
+        weights: list of float ``[rows_k, d]`` (not modified).
+        H: float ``[d, d]`` input Hessian (``2 X^T X / n``; token-weighted for RSQ).
+        spec: the weight grid (``channel`` = per output row, ``group`` of ``group_size`` input columns,
+            ``tensor``: one scale per matrix).
+        blocksize: lazy-batch width (128).
+        percdamp: relative damping of ``H``.
+        act_order: process columns by decreasing ``diag(H)``.
+        dtype: compute dtype (fp32; fp64 for reference tests).
+    Returns:
+        list of quantized-dequantized ``[rows_k, d]`` in each input's dtype (every value on the grid).
+    """
+    _check_weight_spec(spec)
+    d = H.shape[0]
+    if any(w.dim() != 2 or w.shape[1] != d for w in weights):
+        raise QuantError(f"every weight must be [rows, {d}] to match H {tuple(H.shape)}; got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    if spec.granularity == "group" and d % spec.group_size:
+        raise QuantError(f"group_size={spec.group_size} does not divide the input width {d}")
+    rows = [w.shape[0] for w in weights]
+    bounds = torch.tensor([0, *rows]).cumsum(0).tolist()
+    W = torch.cat([w.detach().to(dtype) for w in weights], 0)
+    Hd = H.to(dtype)
+    dead = torch.diag(Hd) == 0
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, Hd = W[:, perm], Hd[perm][:, perm]
+    U, _ = inverse_hessian_factor(Hd, percdamp)
+    state: dict = {}
+
+    def params(block: torch.Tensor):  # [rows, k] -> per-row (scale, zero) [rows]
+        row_spec = spec.with_(granularity="channel")
+        if spec.granularity == "tensor":
+            s, z = [], []
+            for a, b in zip(bounds[:-1], bounds[1:]):  # one scale per matrix of the stacked group
+                lo, hi = range_of(block[a:b], spec)
+                sa, za = qparams(lo, hi, spec)
+                s.append(sa.expand(b - a, 1))
+                z.append(za.expand(b - a, 1))
+            return torch.cat(s).flatten(), torch.cat(z).flatten()
+        lo, hi = range_of(block, row_spec)
+        s, z = qparams(lo, hi, row_spec)
+        return s.flatten().to(dtype), z.flatten().to(dtype)
+
+    if spec.granularity != "group":
+        state["s"], state["z"] = params(W)
+
+    def target(j, W1, i):
+        if spec.granularity == "group" and j % spec.group_size == 0:
+            state["s"], state["z"] = params(W[:, j:j + spec.group_size])
+        return _column_quant(W1[:, i], state["s"], state["z"], spec)
+
+    obs_sweep(W, U, target, blocksize=blocksize)
+    if perm is not None:
+        W = W[:, torch.argsort(perm)]
+    return [W[a:b].to(w.dtype) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
+
+
+__all__ = ["rtn_quantize", "gptq_quantize"]
