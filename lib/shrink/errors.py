@@ -62,6 +62,25 @@ class CacheCorruptError(ShrinkError):
     """A cache entry cannot be read or trusted; the message names the file to delete."""
 
 
+class RecordMissingError(ShrinkError):
+    """``SHRINK_RESULTS_MODE=load`` and a result record (or tensor entry) is missing: nothing is computed."""
+
+
+class RecordWriteError(ShrinkError):
+    """A computed result could not be written. ``.result`` holds it and ``.fallback`` the file it was kept
+    in (or None); the message names the folder, its free space and the setting to change."""
+
+    result = None
+    fallback = None
+
+
+class UnstorableError(ShrinkError, TypeError):
+    """A config or metric cannot be stored in a JSON record (the message names the entry and its type)."""
+
+    result = None
+    fallback = None
+
+
 class UnsupportedModelError(ShrinkError):
     """The architecture has no adapter in :mod:`shrink.models`."""
 
