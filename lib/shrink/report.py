@@ -479,13 +479,98 @@ def render(scale: str, max_metrics: int = 4) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Staging executed notebooks for the book
+# --------------------------------------------------------------------------------------------------------------
+
+#: Cell tags that the book never shows (papermill's injected cell: the run's scale is in the banner).
+HIDDEN_TAGS = ("injected-parameters",)
+
+
+def machine_paths() -> dict[str, str]:
+    """Absolute paths of this machine that published pages must not carry -> what they become."""
+    import os
+
+    from . import env
+
+    out = {}
+    root = env.repo_root()
+    if root is not None:
+        out[str(root)] = "<repo>"
+    for var in ("SHRINK_DATA", "SHRINK_CACHE", "SHRINK_RESULTS"):
+        if os.environ.get(var):
+            out[str(Path(os.environ[var]).expanduser().resolve())] = f"${var}"
+            out[os.environ[var].rstrip("/")] = f"${var}"
+    home = str(Path.home())
+    if home not in ("/", ""):
+        out[home] = "~"
+    # longest first, so /work/main/.venv is rewritten as <repo>/.venv, not as a shorter prefix
+    return dict(sorted(((k, v) for k, v in out.items() if len(k) > 1), key=lambda kv: -len(kv[0])))
+
+
+def _scrub(obj, paths: dict[str, str]):
+    if isinstance(obj, str):
+        for k, v in paths.items():
+            obj = obj.replace(k, v)
+        return obj
+    if isinstance(obj, list):
+        return [_scrub(x, paths) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _scrub(v, paths) for k, v in obj.items()}
+    return obj
+
+
+def stage_notebook(src: str | Path, dst: str | Path) -> dict:
+    """Copy an executed notebook into the book: cells tagged ``injected-parameters`` get ``remove-cell``
+    (MyST-NB drops them), and this machine's absolute paths (:func:`machine_paths`) are rewritten in outputs
+    and metadata (``<repo>``, ``$SHRINK_DATA``, ``~``). Returns ``{"hidden": n, "scrubbed": n}``."""
+    import json
+
+    nb = json.loads(Path(src).read_text())
+    hidden = 0
+    for cell in nb.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if any(t in tags for t in HIDDEN_TAGS) and "remove-cell" not in tags:
+            tags.append("remove-cell")
+            hidden += 1
+    before = json.dumps(nb)
+    nb = _scrub(nb, machine_paths())
+    text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_text(text)
+    return {"hidden": hidden, "scrubbed": int(json.dumps(nb) != before)}
+
+
+def stage_notebooks(executed: str | Path, dst: str | Path) -> list[Path]:
+    """Stage every finished ``<executed>/<chapter>/<nb>.ipynb`` (not ``*.failed.ipynb``, not hidden
+    ``.*`` partial files) into ``<dst>/<chapter>/<nb>.ipynb``."""
+    executed, dst = Path(executed), Path(dst)
+    if not executed.is_dir():
+        raise ReportError(f"{executed} does not exist: execute the notebooks first (make notebooks SCALE=...).")
+    staged = []
+    for nb in sorted(executed.rglob("*.ipynb")):
+        if nb.name.endswith(".failed.ipynb") or nb.name.startswith("."):
+            continue
+        out = dst / nb.relative_to(executed)
+        stage_notebook(nb, out)
+        staged.append(out)
+    return staged
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the book's results page from results/<scale>/.")
+    p = argparse.ArgumentParser(description="Write the book's results page from results/<scale>/ and stage the "
+                                            "executed notebooks into the book folder.")
     p.add_argument("--scale", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the results page, e.g. build/book/results.md")
+    p.add_argument("--stage", nargs=2, metavar=("EXECUTED", "DST"),
+                   help="also stage EXECUTED/<chapter>/*.ipynb into DST (hide injected parameters, no machine "
+                        "paths)")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(render(a.scale) + "\n")
+    Path(a.out).write_text(_scrub(render(a.scale), machine_paths()) + "\n")
+    if a.stage:
+        staged = stage_notebooks(*a.stage)
+        print(f"shrink.report: results page {a.out}; {len(staged)} notebooks staged into {a.stage[1]}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,50 @@ through :func:`shrink.results.cached` so a re-run of a notebook is fast.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .. import data, eval as shrink_eval, models, results
-from .presets import PruningPreset
+from ..errors import BadInputError, EnvError, ShrinkError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # presets.py imports KERNEL_SETS from here to validate the replicas
+    from .presets import PruningPreset
 from .reconstruct import ReconConfig
 from .sequential import PruneSpec, dense_streams, prune_model
 
 CHAPTER = "01-weights"
+
+#: Kernel sets a measurement can be replicated under (issue 9 §2): name -> environment variables set before
+#: ``torch`` is imported, and the thread count. ``avx2-1t`` is what made the committed cpu records (ATen's AVX2
+#: kernels, MKL's default dispatch, one thread); the others change the floating-point summation order of
+#: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY=default``), of MKL's GEMMs (``MKL_CBWR=COMPATIBLE``, MKL's
+#: conditional-numerical-reproducibility code path) or of the thread split of reductions (2 threads).
+#: Measured on the AMD EPYC (AVX2) machine: ``MKL_ENABLE_INSTRUCTIONS=SSE4_2`` and ``DNNL_MAX_CPU_ISA=SSE41``
+#: change no bit of a SmolLM2 forward or a Cholesky factor, so they are not kernel sets here.
+KERNEL_SETS = {
+    "avx2-1t": ({}, 1),
+    "default-1t": ({"ATEN_CPU_CAPABILITY": "default"}, 1),
+    "mklcompat-1t": ({"MKL_CBWR": "COMPATIBLE"}, 1),
+    "avx2-2t": ({}, 2),
+}
+#: The kernel set of the committed records that lack a ``kernels`` config field (their ``device`` field says
+#: ``cpu (1 threads, x86_64)``; the machine was AVX2 and a seed-0 cell recomputed here matches bit for bit).
+ORIGINAL_KERNELS = "avx2-1t"
+
+
+def current_kernels() -> str:
+    """The kernel set this process runs under, named as in :data:`KERNEL_SETS` (``"<isa>[-mklcompat]-<n>t"``)."""
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    if os.environ.get("MKL_CBWR", "").upper().startswith("COMPATIBLE"):
+        isa = "mklcompat" if isa == "avx2" else f"{isa}-mklcompat"
+    return f"{isa}-{torch.get_num_threads()}t"
 
 
 @dataclass
@@ -107,21 +140,78 @@ def measure(st: Setup, spec: PruneSpec, calib: torch.Tensor, *, extra: torch.Ten
     return out
 
 
-def cached_measure(st: Setup, name: str, spec: PruneSpec, seed: int, *, nsamples: int | None = None,
-                   extra: torch.Tensor | None = None, extra_tag: str | None = None, ppl: bool = True) -> dict:
-    """:func:`measure` through :func:`shrink.results.cached` (key: preset, spec, seed, calibration size, extra)."""
+def _measure_config(st: Setup, spec: PruneSpec, seed: int, nsamples, extra_tag, ppl, kernels) -> dict:
     c = st.cfg
     # key = only what determines the measurement, so notebooks share records (01a's LR cells are 01b's)
     config = {"model": c.model, "calib": [c.calib_corpus, c.calib_split, nsamples or c.calib_nsamples, c.calib_seqlen],
               "heldout": [c.heldout_corpus, c.heldout_split, c.heldout_nsamples, c.heldout_seqlen],
               "eval": [c.eval_seqlen, c.eval_windows, c.eval2_corpus, c.eval2_split], "spec": spec.to_dict(),
               "seed": seed, "extra": extra_tag, "ppl": ppl}
+    if kernels is not None:  # a replica: its own record beside the original (which has no such field)
+        config["kernels"] = kernels
+    return config
+
+
+def cached_measure(st: Setup, name: str, spec: PruneSpec, seed: int, *, nsamples: int | None = None,
+                   extra: torch.Tensor | None = None, extra_tag: str | None = None, ppl: bool = True,
+                   kernels: str | None = None) -> dict:
+    """:func:`measure` through :func:`shrink.results.cached` (key: preset, spec, seed, calibration size, extra).
+
+    ``kernels`` (a :data:`KERNEL_SETS` name) makes the record a replica under that kernel set; it is computed
+    only by a process that runs under it (see :func:`replica`, which starts one) and raises otherwise.
+    """
+    c = st.cfg
+    config = _measure_config(st, spec, seed, nsamples, extra_tag, ppl, kernels)
 
     def fn():
+        if kernels is not None and current_kernels() != kernels:
+            raise EnvError(f"the replica under kernel set {kernels!r} cannot be computed in this process, which "
+                           f"runs under {current_kernels()!r}; use experiment.replica(...) (it starts a process "
+                           f"with {KERNEL_SETS.get(kernels)}) or `python -m shrink.pruning.experiment --help`.")
         calib = st.calib(seed, nsamples)
         key = ("calib", seed, nsamples or c.calib_nsamples, extra_tag)
-        return measure(st, spec, calib, extra=extra, dense_key=key, ppl=ppl)
+        out = measure(st, spec, calib, extra=extra, dense_key=key, ppl=ppl)
+        if kernels is not None:  # what the process measured under, not what it was asked for
+            out["kernels_run"] = {"set": current_kernels(), "capability": torch.backends.cpu.get_cpu_capability(),
+                                  "threads": torch.get_num_threads(), "MKL_CBWR": os.environ.get("MKL_CBWR")}
+        return out
     return results.cached(name, config, fn, scale=st.scale, chapter=CHAPTER)
+
+
+def _experiment_of(st: Setup) -> str:
+    """The registered experiment whose preset at ``st.scale`` is ``st.cfg`` (a child process rebuilds it)."""
+    from .. import scales
+
+    scales.get("pruning-reconstruction", st.scale)  # imports the chapter presets
+    names = [e for e in scales.experiments() if e.startswith("pruning-") and scales.get(e, st.scale) == st.cfg]
+    if not names:
+        raise BadInputError("replica(): the setup's preset is not a registered pruning preset at scale "
+                            f"{st.scale!r}; replicas rebuild the preset in a child process, so register it first.")
+    return names[0]
+
+
+def replica(st: Setup, name: str, spec: PruneSpec, seed: int, kernels: str, *, nsamples: int | None = None,
+            timeout: float | None = None) -> dict:
+    """The metrics of ``cached_measure(st, name, spec, seed, nsamples=nsamples)`` replicated under the kernel
+    set ``kernels`` (:data:`KERNEL_SETS`): read from its record, or computed in a child process started with
+    that kernel set's environment and thread count (``python -m shrink.pruning.experiment``), which writes the
+    record. Same config as the original plus ``"kernels": kernels``."""
+    if kernels not in KERNEL_SETS:
+        raise BadInputError(f"unknown kernel set {kernels!r}; use one of {sorted(KERNEL_SETS)} (KERNEL_SETS).")
+    config = _measure_config(st, spec, seed, nsamples, None, True, kernels)
+    path = results.record_path(name, config, scale=st.scale, chapter=CHAPTER)
+    if not path.exists() or os.environ.get("SHRINK_RECOMPUTE") == "1":
+        env_vars, threads = KERNEL_SETS[kernels]
+        env = {**os.environ, **env_vars, "SHRINK_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        args = [sys.executable, "-m", "shrink.pruning.experiment", "--experiment", _experiment_of(st),
+                "--scale", st.scale, "--name", name, "--seed", str(seed), "--kernels", kernels,
+                "--spec", json.dumps(spec.to_dict())] + (["--nsamples", str(nsamples)] if nsamples else [])
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise ShrinkError(f"the replica under {kernels} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+                              f"\nRerun `{' '.join(args[:3])} ...` by hand to see the whole log.")
+    record = results.load(path)
+    return {**record["metrics"], "_device": record.get("device"), "_kernels": kernels}
 
 
 def dense_reference(st: Setup) -> dict:
@@ -172,3 +262,34 @@ def cached_compensated(st: Setup, pruner: str, seed: int, *, rank: int = 0, bias
         info["ppl_calib"] = shrink_eval.perplexity(m, calib.reshape(-1), calib.shape[1]).ppl
         return info
     return results.cached("compensated", config, fn, scale=st.scale, chapter=CHAPTER)
+
+
+def _main(argv=None) -> None:
+    """``python -m shrink.pruning.experiment``: compute one replica record in this process (started by
+    :func:`replica` with the kernel set's environment; by hand, set that environment yourself)."""
+    import argparse
+
+    from .. import scales
+    from .reconstruct import ReconConfig
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--experiment", required=True, help="registered preset, e.g. pruning-reconstruction")
+    p.add_argument("--scale", required=True)
+    p.add_argument("--name", default="measure")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--kernels", required=True, choices=sorted(KERNEL_SETS))
+    p.add_argument("--spec", required=True, help="PruneSpec.to_dict() as JSON")
+    p.add_argument("--nsamples", type=int, default=None)
+    a = p.parse_args(argv)
+    threads = KERNEL_SETS[a.kernels][1]
+    torch.set_num_threads(threads)
+    d = json.loads(a.spec)
+    spec = PruneSpec(**{**d, "recon": ReconConfig(**{**d["recon"], "betas": tuple(d["recon"]["betas"])})})
+    st = setup(scales.get(a.experiment, a.scale), a.scale)
+    t0 = time.perf_counter()
+    cached_measure(st, a.name, spec, a.seed, nsamples=a.nsamples, kernels=a.kernels)
+    print(f"replica {a.kernels} {spec.pruner} {spec.scheme} seed {a.seed}: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    _main()

@@ -52,12 +52,21 @@ class PruningPreset(Preset):
     selfgen_seqlen: int = 256
     selfgen_min_alpha: float = 0.8      # offline language filter (0 = off; random tiny models need 0)
     zero_shot: bool = False
+    # replicas under other kernel sets (issue 9 §2; experiment.KERNEL_SETS): (kernel set, pruner, scheme, seed)
+    replicas: tuple = ()
 
     def check(self) -> None:
         bad = ([p for p in (*self.pruners, *self.cr_pruners) if p not in PRUNERS]
                + [s for s in self.schemes if s not in SCHEMES])
         if bad:
             raise PresetError(f"unknown pruners/schemes {bad}; pruners {PRUNERS}, schemes {SCHEMES}")
+        from .experiment import KERNEL_SETS
+
+        bad_rep = [r for r in self.replicas if len(r) != 4 or r[0] not in KERNEL_SETS or r[1] not in PRUNERS
+                   or r[2] not in SCHEMES or r[3] not in self.seeds]
+        if bad_rep:
+            raise PresetError(f"replicas {bad_rep}: each is (kernel set, pruner, scheme, seed) with a kernel set "
+                              f"of experiment.KERNEL_SETS {sorted(KERNEL_SETS)} and a seed of seeds {self.seeds}")
         if self.lr <= 0 or not self.seeds:
             raise PresetError("lr must be > 0 and seeds non-empty")
         from .masks import PruningError, parse_pattern
@@ -107,9 +116,17 @@ register("pruning-baselines", {
 # Three seeds (calibration windows and batch order) for the LR/BR/BR+GP grid; BR+GP+CR for Wanda and SparseGPT,
 # seed 0 only (about 10 min each on one core).
 _CPU_RECON = {**_CPU, "calib_nsamples": 16, "epochs": 5, "batch_size": 2, "lr": 2e-4}
+# Replicas (issue 9 §2): every LR cell under ATen's scalar kernels and under MKL's COMPATIBLE GEMMs (about a
+# minute each), and the BR / BR+GP cells the chapter's narrowest margins rest on under ATen's scalar kernels
+# (about 6 minutes each): SparseGPT seed 1 (BR+GP vs LR perplexity, BR/LR error), Wanda seed 0 (GP/BR
+# error), magnitude seed 2 (LR -> BR error).
+_REPLICAS = (tuple((k, p, "LR", sd) for k in ("default-1t", "mklcompat-1t") for sd in (0, 1, 2) for p in PRUNERS)
+             + (("default-1t", "sparsegpt", "BR+GP", 1), ("default-1t", "sparsegpt", "BR", 1),
+                ("default-1t", "wanda", "BR", 0), ("default-1t", "wanda", "BR+GP", 0),
+                ("default-1t", "magnitude", "BR", 2)))
 register("pruning-reconstruction", {
-    "tiny": PruningPreset(**_TINY),
-    "cpu": PruningPreset(**_CPU_RECON, seeds=(0, 1, 2), cr_pruners=("wanda", "sparsegpt")),
+    "tiny": PruningPreset(**_TINY, replicas=(("default-1t", "wanda", "LR", 0),)),
+    "cpu": PruningPreset(**_CPU_RECON, seeds=(0, 1, 2), cr_pruners=("wanda", "sparsegpt"), replicas=_REPLICAS),
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
