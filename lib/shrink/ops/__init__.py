@@ -18,7 +18,10 @@ Backends (``backend(op, device)`` tells which one a call takes; ``last_backend(o
 
 - ``"cuda"``: the compiled kernels of ``kernels/csrc`` (``torch.ops.shrink.*``), for CUDA tensors once
   :func:`load_cuda` succeeded (it runs at import on CUDA machines; it only loads a prebuilt library unless
-  ``SHRINK_KERNELS_BUILD=1``). They match the reference exactly (tested on GPU machines).
+  ``SHRINK_KERNELS_BUILD=1``). They are *designed* to match the reference bit for bit (``--fmad=false``,
+  explicitly rounded intrinsics) and ``tests/kernels`` compares them with ``torch.equal`` on a GPU, but so far
+  they have only been compiled (``make kernels-check``: nvcc for sm_80/sm_90 against the torch headers), never
+  run on a GPU: their numerics are untested (see ``kernels/README.md``, "Test tiers").
 - ``"cpu_int_mm"``: ``int8_matmul_dequant`` on CPU uses ``torch._int_mm`` (exact int32, AMX/VNNI) for
   the accumulation and the reference epilogue: bit-identical to the reference, only faster.
 - ``"reference"``: :mod:`shrink.ops.reference`, on any device.
