@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 
 executed = $(patsubst notebooks/%.md,build/executed/$(1)/%.ipynb,$(NB))
 
-.PHONY: help env run lab test test-browser test-lib test-slow notebooks nbval book tables kernels-check bench clean check-data lint
+.PHONY: help env run lab test test-browser test-lib test-slow notebooks nbval book tables kernels-check bench clean check-data lint check-records
 help:
 	@echo "make run    - set up, execute every notebook at SCALE=$(SCALE) (default cpu) and build the book"
 	@echo "make test   - set up and run the full test suite (what CI runs)"
@@ -123,6 +123,11 @@ test-slow: $(STAMP) check-data
 # Speed against the anchors, as ratios measured in one process (not part of make test); records in results/bench/.
 bench: $(STAMP) check-data
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# Zero new records: execute the notebooks at cpu with SHRINK_RESULTS_MODE=load (a missing record is an error,
+# nothing is computed) and an empty temporary SHRINK_CACHE; fail if results/ gains or changes a file.
+check-records: $(STAMP) check-data
+	$(PY) -m shrink.results check $(NB) --scale cpu --out build/check-records
 
 kernels-check: | $(STAMP)
 	$(PY) -m shrink.ops --compile-check

@@ -16,6 +16,7 @@ Environment variables (all optional except ``SHRINK_DATA`` for offline corpora):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -120,12 +121,13 @@ ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "DNNL_M
 KERNEL_FIELDS = ("device", "cpu_capability", "mkl_isa", "dnnl_isa", "cpu_vendor")
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> tuple[str, frozenset[str]]:
     """(vendor, flags) from ``/proc/cpuinfo`` (Linux); ``("?", set())`` elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "?", set()
+        return platform.processor() or "?", frozenset()
     vendor, flags = "?", set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -136,10 +138,10 @@ def _cpu_flags() -> tuple[str, set[str]]:
             flags = set(value.split())
         if vendor != "?" and flags:
             break
-    return vendor, flags
+    return vendor, frozenset(flags)
 
 
-def _best_isa(flags: set[str]) -> str:
+def _best_isa(flags: frozenset[str]) -> str:
     if "amx_tile" in flags:
         return "AVX512_CORE_AMX"
     if "avx512f" in flags:

@@ -324,11 +324,13 @@ def _usable(path: Path, record: dict, scale: str, chapter: str) -> bool:
         _announce(path, f"reuse:{record.get('code')}", f"{path.name} was computed by other shrink code "
                   f"({record.get('code')} != {current}): reused (SHRINK_STALE=recompute recomputes it).")
     theirs, ours = env.kernel_signature(record.get("kernels")), env.kernel_signature(env.kernel_set())
-    if theirs != ours:
-        diff = ("kernel set not recorded" if theirs is None else
-                ", ".join(f"{k} {theirs.get(k)} here {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k)))
-        _announce(path, f"kernels:{theirs}", f"{path.name} was made under another kernel set ({diff}): reused; its last digits "
-                                   "may differ from a recompute here (README: Reproducing the committed digits).")
+    if theirs is None:  # made before records stored kernel sets: said once per process, not per record
+        _announce(Path("<legacy>"), "kernels", f"{path.name} and other records made before kernel sets were recorded "
+                  "are reused; their kernel set is unknown (README: Reproducing the committed digits).")
+    elif theirs != ours:
+        diff = ", ".join(f"{k} {theirs.get(k)} here {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k))
+        _announce(path, f"kernels:{theirs}", f"{path.name} was made under another kernel set ({diff}): reused; its "
+                  "last digits may differ from a recompute here (README: Reproducing the committed digits).")
     return True
 
 
@@ -614,3 +616,84 @@ def records(scale: str, chapter: str | None = None) -> list[dict]:
     if chapter:
         base = base / chapter
     return [load(p) for p in sorted(base.rglob("*.json"))] if base.exists() else []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# make check-records: the committed records suffice to re-render the notebooks
+# --------------------------------------------------------------------------------------------------------------
+def _git_results_state(root: Path) -> dict[str, str]:
+    """``{path: status}`` of new, changed or deleted files under ``results/`` (git porcelain)."""
+    import subprocess
+
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "results/"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    return {line[3:]: line[:2] for line in out.splitlines() if line.strip()}
+
+
+def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = None) -> dict:
+    """Execute ``notebooks`` at ``scale`` with ``SHRINK_RESULTS_MODE=load`` and an empty temporary
+    ``SHRINK_CACHE``, then compare ``git status results/`` before and after.
+
+    Returns ``{"ok", "seconds", "notebooks": [...shrink run summary...], "missing": {notebook: [records]},
+    "new_or_changed": [...]}``; ``ok`` is true when every notebook ran and no record was added or changed.
+    """
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    root = env.repo_root()
+    if root is None:
+        raise EnvError("check_records needs the git checkout (an editable install of shrink).")
+    before = _git_results_state(root)
+    cache = Path(tempfile.mkdtemp(prefix="shrink-check-cache-"))
+    outdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="shrink-check-nb-"))
+    t0 = time.perf_counter()
+    try:
+        run_env = {**os.environ, "SHRINK_RESULTS_MODE": "load", "SHRINK_CACHE": str(cache)}
+        run_env.pop("SHRINK_RECOMPUTE", None)
+        run_env.pop("SHRINK_RESULTS", None)
+        proc = subprocess.run([sys.executable, "-m", "shrink.cli", "run", *notebooks, "--scale", scale, "--out",
+                               str(outdir)], cwd=root, env=run_env, capture_output=True, text=True)
+        try:
+            summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+        except ValueError:
+            summary = {"notebooks": [], "error": (proc.stdout + proc.stderr)[-2000:]}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    after = _git_results_state(root)
+    changed = sorted(f"{st} {p}" for p, st in after.items() if before.get(p) != st)
+    missing = {}
+    for nb in summary.get("notebooks", []):
+        if nb.get("status") != "ok":
+            found = re.findall(r"(?:result record|tensor record|tensor cache entry) (\S+) ", nb.get("error") or "")
+            missing[nb["notebook"]] = sorted(set(found)) or [(nb.get("error") or "?")[-300:]]
+    ok = proc.returncode == 0 and not changed and not missing
+    return {"ok": ok, "seconds": round(time.perf_counter() - t0, 1), "scale": scale,
+            "notebooks": [{k: v for k, v in nb.items() if k != "error"} for nb in summary.get("notebooks", [])],
+            "missing": missing, "new_or_changed": changed, **({"error": summary["error"]} if "error" in summary else {})}
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m shrink.results",
+                                description="check: execute notebooks with SHRINK_RESULTS_MODE=load and an empty "
+                                            "SHRINK_CACHE; fail if a record is missing, new or changed.")
+    p.add_argument("command", choices=["check"])
+    p.add_argument("notebooks", nargs="+")
+    p.add_argument("--scale", default="cpu")
+    p.add_argument("--out", default=None, help="folder for the executed notebooks (default: a temporary one)")
+    a = p.parse_args(argv)
+    report = check_records(a.notebooks, a.scale, a.out)
+    print(json.dumps(report, indent=1))
+    if not report["ok"]:
+        print("check-records FAILED: " + ("; ".join(f"{nb}: {', '.join(r)}" for nb, r in report["missing"].items())
+                                        or "") + ("; new or changed under results/: " + ", ".join(report["new_or_changed"])
+                                                  if report["new_or_changed"] else ""), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
