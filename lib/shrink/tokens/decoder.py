@@ -94,26 +94,48 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, *, n_context: int | None 
         raise TokenInputError(f"n_context={n_context} must lie in [1, T={t}]")
     h = model.model.embed_tokens(input_ids)
     pos = torch.arange(t, device=h.device)[None].expand(b, t)
+    if method == "none" or keep >= 1.0:
+        return PrefillOut(head(model, run_blocks(model, h, pos, 0, len(layers))), pos, [t] * len(layers))
+    h_prev = run_blocks(model, h, pos, 0, prune_at - 1)          # input of block K-1 (the scoring block)
+    h = run_blocks(model, h_prev, pos, prune_at - 1, prune_at)   # input of block K
+    idx = keep_indices(model, prune_at, h_prev, h, c, method, keep, protect_sink=protect_sink,
+                       generator=generator, **score_options)
+    h, pos = sel.gather(h, idx), idx
+    h = run_blocks(model, h, pos, prune_at, len(layers))
+    per_layer = [t] * prune_at + [idx.shape[1]] * (len(layers) - prune_at)
+    return PrefillOut(head(model, h), pos, per_layer)
+
+
+def keep_indices(model: nn.Module, prune_at: int, h_prev: torch.Tensor, h: torch.Tensor, n_context: int,
+                 method: str, keep: float, *, protect_sink: bool = True, generator: torch.Generator | None = None,
+                 **score_options) -> torch.Tensor:
+    """All kept indices ``[B, k + T - C]``: the selected context tokens, then the whole continuation.
+
+    ``h_prev`` is the input of block ``prune_at - 1`` (scores), ``h`` the input of block ``prune_at``
+    (DivPrune's features)."""
+    b, t = h.shape[:2]
+    if method == "divprune":
+        idx_c = sel.divprune_keep(h[:, :n_context], keep, protected=[0] if protect_sink else None)
+    else:
+        idx_c = select_context(model, prune_at - 1, h_prev, n_context, method, keep, protect_sink=protect_sink,
+                               generator=generator, **score_options)
+    cont = torch.arange(n_context, t, device=h.device)[None].expand(b, t - n_context)
+    return torch.cat([idx_c, cont], dim=1)
+
+
+def run_blocks(model: nn.Module, h: torch.Tensor, pos: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Blocks ``start .. stop-1`` on ``h [B, T, D]`` at RoPE positions ``pos [B, T]`` (explicit causal mask)."""
+    if start >= stop:
+        return h
     cos_sin = rotary(model, h, pos)
-    per_layer = []
-    for i, layer in enumerate(layers):
-        if i == prune_at and method != "none" and keep < 1.0:
-            if method == "divprune":
-                prot = [0] if protect_sink else None
-                idx_c = sel.divprune_keep(h[:, :c], keep, protected=prot)
-            else:
-                idx_c = select_context(model, i - 1, h_prev, c, method, keep, protect_sink=protect_sink,
-                                       generator=generator, **score_options)
-            cont = torch.arange(c, t, device=h.device)[None].expand(b, t - c)
-            idx = torch.cat([idx_c, cont], dim=1)
-            h = sel.gather(h, idx)
-            pos = idx
-            cos_sin = rotary(model, h, pos)
-        h_prev = h
-        per_layer.append(h.shape[1])
+    for layer in blocks(model)[start:stop]:
         h = _block(layer, h, pos, cos_sin)
-    logits = model.lm_head(model.model.norm(h))
-    return PrefillOut(logits, pos, per_layer)
+    return h
+
+
+def head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head: ``[B, T, D]`` -> logits ``[B, T, V]``."""
+    return model.lm_head(model.model.norm(h))
 
 
 def continuation_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_context: int) -> torch.Tensor:
