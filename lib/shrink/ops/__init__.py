@@ -197,6 +197,11 @@ def int8_matmul_dequant(x_q: torch.Tensor, w_q: torch.Tensor, s_x, s_w) -> torch
     reference._check_int8_mm(x_q, w_q)
     sx = reference._as_scale_vector(s_x, x_q.shape[0], "s_x", x_q.device)
     sw = reference._as_scale_vector(s_w, w_q.shape[0], "s_w", x_q.device)
+    for name, s in (("s_x", sx), ("s_w", sw)):
+        if s.numel() and not bool((torch.isfinite(s) & (s >= 0)).all()):
+            raise OpInputError(f"{name} must be finite and >= 0 (a NaN scale makes every output NaN), got "
+                               f"{s[~(torch.isfinite(s) & (s >= 0))][:3].tolist()}...; scales are max|x| / 127 from "
+                               "calibration: recalibrate on finite activations.")
     b = _take("int8_matmul_dequant", x_q.device)
     if b == "cuda":
         return _library.op("int8_matmul_dequant")(x_q, w_q, sx, sw)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ShrinkError
+from ..errors import CacheCorruptError, ShrinkError
 from ..models import KVPrefix, decoder_blocks
 from .fakequant import decoder_linears
 from .quantizer import QuantError, QuantSpec, qparams, range_of
@@ -240,6 +240,23 @@ class SearchResult:
         return asdict(self)
 
 
+def _resume(ck: Path, settings: dict, fresh: SearchResult) -> SearchResult:
+    """The search state stored in checkpoint ``ck`` if its settings match (else ``fresh``); a checkpoint
+    that does not parse is a :class:`CacheCorruptError` naming the file (nothing is overwritten)."""
+    try:
+        state = json.loads(ck.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        if state.get("settings") != settings:
+            return fresh
+        res = SearchResult([int(t) for t in state["tokens"]], list(state["history"]), bool(state["done"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CacheCorruptError(f"the CushionCache search checkpoint {ck} cannot be read ({type(exc).__name__}: "
+                                f"{exc}); it was truncated or edited. Delete it (`rm {ck}`) to restart the search "
+                                "from step 0.") from None
+    return res
+
+
 def greedy_search(model: nn.Module, texts: torch.Tensor, candidates: torch.Tensor, *, tau: float = 0.5,
                   max_len: int = 4, init_tokens: tuple[int, ...] = (), batch_size: int = 16,
                   spec: QuantSpec = LQ_SPEC, target: str = "linear_inputs", checkpoint: str | Path | None = None,
@@ -274,9 +291,7 @@ def greedy_search(model: nn.Module, texts: torch.Tensor, candidates: torch.Tenso
     res = SearchResult(list(init_tokens))
     ck = Path(checkpoint) if checkpoint else None
     if ck is not None and ck.exists():
-        state = json.loads(ck.read_text())
-        if state.get("settings") == settings:
-            res = SearchResult(state["tokens"], state["history"], state["done"])
+        res = _resume(ck, settings, res)
     while not res.done and len(res.tokens) < max_len:
         step, t0 = len(res.history), time.perf_counter()
         text = texts[step % texts.shape[0]]
@@ -309,7 +324,7 @@ def greedy_search(model: nn.Module, texts: torch.Tensor, candidates: torch.Tenso
             log(rec)
         if ck is not None:
             ck.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ck.with_suffix(".tmp")
+            tmp = ck.with_name(f".{ck.name}.{os.getpid()}.tmp")  # unique: concurrent searches never mix
             tmp.write_text(json.dumps({"settings": settings, **res.to_dict()}))
             os.replace(tmp, ck)
     return res

@@ -162,9 +162,21 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = No
     With ``scale``/``zero`` given (static, from calibration) they are used as they are; otherwise they are
     computed from ``x`` (dynamic). Values outside a static range are clipped to the grid.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise QuantError(f"fake_quant needs a floating tensor, got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}: the result is cast back to "
+                         "x's dtype, so integers would be truncated silently. Pass x.float().")
     if scale is None:
         lo, hi = range_of(x, spec, per_sample=per_sample)
+        if not bool(torch.isfinite(hi).all() & torch.isfinite(lo).all()):  # one NaN/inf would poison its group
+            bad = int((~torch.isfinite(x)).sum())
+            raise QuantError(f"fake_quant input holds {bad} NaN/inf value(s): their {spec.granularity} range is "
+                             "undefined and every value sharing it would become NaN. Find where they come from "
+                             "(a diverged model, an overflow in fp16), or clean them with torch.nan_to_num.")
         scale, zero = qparams(lo, hi, spec)
+    elif not bool(torch.isfinite(torch.as_tensor(scale)).all() & (torch.as_tensor(scale) > 0).all()):
+        raise QuantError("fake_quant scale must be finite and > 0; recalibrate (shrink.quant.calibrate) on finite "
+                         "activations.")
     xf = x.float()
     grouped = spec.granularity == "group"
     if grouped:
