@@ -231,8 +231,13 @@ def calibrate(model: nn.Module, calib_ids: torch.Tensor, *, prefix: KVPrefix | N
     Returns:
         ``{name: (lo, hi)}`` fp32 ranges (scalars, or ``[1, D]`` for ``column``).
     """
-    if calib_ids.dim() != 2:
-        raise QuantError(f"calib_ids must be int64 [n, L], got shape {tuple(calib_ids.shape)}")
+    if calib_ids.dim() != 2 or calib_ids.is_floating_point():
+        raise QuantError(f"calib_ids must be int64 [n, L], got {calib_ids.dtype} {tuple(calib_ids.shape)}")
+    if calib_ids.shape[0] == 0 or calib_ids.shape[1] == 0:
+        raise QuantError(f"calib_ids is empty ({tuple(calib_ids.shape)}): static ranges need calibration windows; "
+                         "pass shrink.data.calibration_set(tok, nsamples=8, seqlen=512) or similar.")
+    if batch_size < 1:
+        raise QuantError(f"batch_size must be >= 1, got {batch_size}")
     mods = [m for m in quant_linears(model).values() if m.a_spec is not None and m.a_spec.static]
     if not mods:
         raise QuantError("no wrapped linear has a static activation quantizer; wrap_model(..., a_spec=static spec)")
