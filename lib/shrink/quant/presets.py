@@ -160,7 +160,7 @@ register("bits", {
                        probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
                        max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3,
                        tune_seqlen=32, tune_nsamples=4,
-                       tune_val_nsamples=2, tune_lr=1e-2, perturb_seeds=(0, 1, 2), calib_seeds=(0, 1)),
+                       tune_val_nsamples=2, tune_lr=1e-2, perturb_seeds=(0, 1), calib_seeds=(0, 1)),
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
 })
