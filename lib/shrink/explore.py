@@ -210,11 +210,12 @@ class Explorer:
             panels += [("metric", fc) for fc in facet_combos]
         ncols = min(len(panels), _MAX_COLS)
         nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(3.6 * ncols, 3.1 * nrows), layout="constrained")
+        n_slots = len(sel(x)) * (len(hue_order) if (hue_order := sel(hue) if hue else None) else 1)
+        width = max(3.6, 0.35 * n_slots) if curve is None else 3.6  # metric-only: room for every point
+        fig = Figure(figsize=(width * ncols, 3.1 * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         curves = self.selection_rows(self.curves[self.curves["curve"] == curve], selection) if curve else None
         table = self.selection_rows(self.table[self.table["metric"] == metric], selection) if metric else None
-        hue_order = sel(hue) if hue else None
         for k, (ax, (kind, key)) in enumerate(zip(axes, panels)):
             if kind == "curve":
                 xv, fc = key[0], key[1:]
@@ -240,6 +241,8 @@ class Explorer:
                 ax.set(ylabel=metric, title=", ".join(f"{f}={v}" for f, v in zip(facets, key)) or metric)
                 if note:
                     ax.set_xlabel(f"{x}\n({note})", fontsize=8)
+                if hue and ax.get_legend() is not None:
+                    ax.legend(title=hue, fontsize=7, title_fontsize=7, loc="best")
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         if self.title:

@@ -114,6 +114,7 @@ def spread_plot(data, *, x: str, y: str, hue: str | None = None, lo: str | None 
                 ax.vlines(pos, sel[lo], sel[hi], color=colors[j], alpha=0.45, linewidth=2.5, zorder=2)
             ax.scatter(pos, sel[y], s=(markersize * 0.8) ** 2, color=colors[j], alpha=0.6, edgecolor="white",
                        linewidth=0.5, zorder=3)
+    ax.set_xlim(-0.5, len(order_s) - 0.5)  # the scatter above re-autoscaled the categorical axis
     if log:
         _log_y(ax)
     if hue and legend and ax.get_legend() is not None:

@@ -81,6 +81,10 @@ def test_spread_plot_bars_are_min_max_and_own_bands_are_drawn():
     assert _mean_markers(ax) == {0.0: pytest.approx(7 / 3)}
     segs = np.concatenate([c.get_segments() for c in ax.collections if hasattr(c, "get_segments")])
     assert sorted(map(tuple, segs[:, :, 1].tolist())) == [(0.0, 3.0), (1.0, 4.0), (3.0, 6.0)]
+    # every category stays in view (the scatter must not re-autoscale the categorical axis)
+    ax = plotting.spread_plot([{"x": c, "h": h, "y": 1.0} for c, h in (("a", "u"), ("a", "v"), ("b", "u"), ("c", "u"))],
+                              x="x", y="y", hue="h")
+    assert ax.get_xlim() == (-0.5, 2.5) and [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
 
 
 def test_widget_constructs_and_callbacks_redraw():

@@ -187,3 +187,33 @@ def test_lab_serves_md_notebooks_and_runs_them_on_the_project_kernel(tmp_path):
         server.stop()
     assert server.proc.poll() is not None
     print(f"server up in {startup:.1f} s, whole check {time.monotonic() - t_start:.1f} s")
+
+
+def test_configure_merges_default_viewers_and_keeps_other_settings(tmp_path):
+    path = lab.settings_overrides_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+                                "@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"csv": "CSVTable"},
+                                                                            "autosave": False}}))
+    assert lab.configure(tmp_path) == path
+    lab.configure(tmp_path)  # idempotent
+    data = json.loads(path.read_text())
+    assert data["@jupyterlab/apputils-extension:themes"] == {"theme": "JupyterLab Dark"}
+    dm = data["@jupyterlab/docmanager-extension:plugin"]
+    assert dm["autosave"] is False
+    assert dm["defaultViewers"] == {"csv": "CSVTable", "markdown": "Jupytext Notebook", "myst": "Jupytext Notebook"}
+    path.write_text("{not json")
+    with pytest.raises(lab.ShrinkError, match="not valid JSON"):
+        lab.configure(tmp_path)
+
+
+def test_command_is_loopback_with_the_repository_jupytext_settings():
+    import tomllib
+
+    cmd = lab.command(port=1234, token="t", browser=False)
+    assert "--ServerApp.ip=127.0.0.1" in cmd and "--ServerApp.port=1234" in cmd and "--no-browser" in cmd
+    assert f"--notebook-dir={ROOT / 'notebooks'}" in cmd and "--IdentityProvider.token=t" in cmd
+    cfg = tomllib.loads((ROOT / "jupytext.toml").read_text())
+    assert f"--JupytextConfiguration.formats={cfg['formats']}" in cmd
+    assert "SHRINK_HEADLESS" not in lab.kernel_env({"SHRINK_HEADLESS": "1", "SHRINK_DATA": "/d"})
+    assert lab.kernel_env({"SHRINK_HEADLESS": "1", "SHRINK_DATA": "/d"})["SHRINK_DATA"] == "/d"
