@@ -424,16 +424,38 @@ def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:
     return out
 
 
+def _kernels(r: dict) -> str:
+    """The record's kernel set in words: ``"AVX2 (MKL AVX2, oneDNN AVX2), 1 thread"``; ``"not recorded"`` for
+    records made before records stored it (``shrink.env.kernel_set``)."""
+    k = r.get("kernels")
+    if not isinstance(k, dict) or not k:
+        return "not recorded"
+    threads = k.get("threads")
+    parts = [str(k.get("cpu_capability", "?"))]
+    libs = [f"{name} {k[key]}" for name, key in (("MKL", "mkl_isa"), ("oneDNN", "dnnl_isa")) if k.get(key)]
+    if libs:
+        parts[0] += f" ({', '.join(libs)})"
+    if k.get("env"):
+        parts.append(", ".join(f"{a}={b}" for a, b in sorted(k["env"].items())))
+    if threads:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    if str(k.get("device", "cpu")).startswith("cuda"):
+        parts.insert(0, str(k["device"]))
+    return ", ".join(parts)
+
+
 def _machine(r: dict) -> str:
-    """Device and the kernel set (torch build, plus a ``kernels`` field when the record has one)."""
+    """Device, torch build and kernel set of a record."""
     parts = [str(r.get("device", "?"))]
     torch_v = (r.get("versions") or {}).get("torch")
     if torch_v:
         parts.append(f"torch {torch_v}")
-    kernels = r.get("kernels") or (r.get("config") or {}).get("kernels")
-    if kernels:
-        parts.append(f"kernels {kernels}")
+    parts.append(f"kernels: {_kernels(r)}")
     return ", ".join(parts)
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def render(scale: str, max_metrics: int = 4) -> str:
@@ -442,7 +464,8 @@ def render(scale: str, max_metrics: int = 4) -> str:
     lines = [f"# Results at a glance ({scale} scale)", "",
              f"Generated from `results/{scale}/` by `python -m shrink.report`. Each row is one result record "
              "(config hash `key`; the full config, metrics, versions and git SHA are in the JSON file). "
-             "*machine* is the device and kernel set (torch build) that computed the record; *code* says "
+             "*machine* is the device, torch build and kernel set (ATen CPU capability, MKL/oneDNN instruction set, "
+             "threads) that computed the record; *code* says "
              "whether the record was made by the current chapter code (`current`) or by other code and reused "
              "(`other: <hash>`; `SHRINK_STALE=recompute` recomputes it).", ""]
     recs = results.records(scale)
@@ -459,12 +482,17 @@ def render(scale: str, max_metrics: int = 4) -> str:
         for r in rs:
             machines[_machine(r)] = machines.get(_machine(r), 0) + 1
         lines += [f"## {chapter}", "",
-                  f"{len(rs)} records; current code hash of this chapter `{current}`. Machines: "
-                  + "; ".join(f"{m} ({n} record{'s' if n != 1 else ''})" for m, n in machines.items()) + ".", ""]
+                  f"{_n(len(rs), 'record')}; current code hash of this chapter `{current}`. Machines: "
+                  + "; ".join(f"{m} ({_n(n, 'record')})" for m, n in machines.items()) + ".", ""]
         if other:
-            lines += [f"**{len(other)} record{'s' if len(other) != 1 else ''} made by other code** (reused): "
-                      + ", ".join(f"`{r['name']}-{r['key']}` ({r.get('code') or 'no code hash'})" for r in other)
-                      + ".", ""]
+            by_code: dict[str, int] = {}
+            for r in other:
+                by_code[r.get("code") or "no code hash"] = by_code.get(r.get("code") or "no code hash", 0) + 1
+            head = ("**All records were made by other code**" if len(other) == len(rs) else
+                    f"**{_n(len(other), 'record')} made by other code**")
+            lines += [head + " and reused: " + ", ".join(f"`{c}` ({_n(n, 'record')})" for c, n in by_code.items())
+                      + (": " + ", ".join(f"`{r['name']}-{r['key']}`" for r in other) if len(other) <= 12 else
+                         " (the *code* column says which)") + ".", ""]
         else:
             lines += ["Every record was made by the current code.", ""]
         rows = []

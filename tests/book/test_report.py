@@ -166,7 +166,7 @@ def test_results_page_lists_machine_and_records_of_other_code(tmp_path, monkeypa
     rec["code"] = "deadbeef0000"
     p.write_text(json.dumps(rec))
     page = report.render("tiny")
-    assert "1 record made by other code" in page and "`old-" in page and "deadbeef0000" in page
+    assert "**1 record made by other code** and reused: `deadbeef0000` (1 record): `old-" in page
     assert re.search(r"\| dense-ppl \| `\w{16}` \| n=8, ppl=19.13 \| [^|]*torch [^|]+ \| current \|", page), page
     assert "other: deadbeef0000" in page
     assert "/work/" not in page and str(tmp_path) not in page
