@@ -9,7 +9,7 @@ the Jupyter server's REST API and the kernel websocket:
 2. ``/api/contents/00-start/00-tour.md?type=notebook`` returns the tour as a notebook (jupytext);
 3. a ``python3`` kernel runs the tour's first code cells with ``scale = "tiny"`` injected after the
    parameters cell (what papermill does), without error, and its ``sys.executable`` / ``sys.prefix`` are the
-   project's ``.venv`` (the interpreter running this test);
+   project's ``.venv`` (the interpreter running this test); an explorer displays as a live ipywidgets view;
 4. saving the notebook back writes MyST markdown paired with an ``.ipynb`` (the repository's jupytext.toml
    applies although the server's root is the notebooks folder);
 
@@ -37,8 +37,11 @@ import pytest
 
 from shrink import env, lab
 
-websocket = pytest.importorskip("websocket", reason="the `lab` extra is not installed: pip install -e .[lab]")
-pytest.importorskip("jupyterlab", reason="the `lab` extra is not installed: pip install -e .[lab]")
+try:  # a missing extra is a failure, not a skip: `make test` installs it
+    import jupyterlab  # noqa: F401
+    import websocket
+except ImportError as exc:
+    raise ImportError(f"{exc}: the `lab` extra is not installed; run `make env` (or pip install -e '.[lab]')") from exc
 
 ROOT = env.repo_root()
 N_CODE_CELLS = 4  # imports, parameters, setup + preset, model load
@@ -58,7 +61,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = lab.command(port=self.port, token=self.token, notebook_dir=root, browser=False)
         self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=lab.kernel_env(),
+        environ = lab.kernel_env()
+        environ.pop("PYTEST_CURRENT_TEST", None)  # the kernels must see what `make lab` gives them: interactive
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ,
                                      start_new_session=True)
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
@@ -104,7 +109,7 @@ def execute(ws, code: str, timeout: float) -> dict:
         "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
         "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                     "allow_stdin": False, "stop_on_error": True}}))
-    out = {"status": None, "stdout": "", "error": None}
+    out = {"status": None, "stdout": "", "error": None, "mime": []}
     idle = False
     deadline = time.monotonic() + timeout
     while out["status"] is None or not idle:
@@ -119,6 +124,8 @@ def execute(ws, code: str, timeout: float) -> dict:
             out["status"] = content["status"]
         elif kind == "stream" and content.get("name") == "stdout":
             out["stdout"] += content["text"]
+        elif kind in ("display_data", "execute_result"):
+            out["mime"] += list(content.get("data", {}))
         elif kind == "error":
             out["error"] = f"{content['ename']}: {content['evalue']}\n" + "\n".join(content.get("traceback", []))
         elif kind == "status" and content["execution_state"] == "idle":
@@ -169,6 +176,11 @@ def test_lab_serves_md_notebooks_and_runs_them_on_the_project_kernel(tmp_path):
             assert executable == sys.executable and prefix == sys.prefix, (executable, prefix)
             assert scale == "tiny" and model_name.startswith("tiny"), (scale, model_name)
             assert "model" in execute(ws, "print('model' if 'model' in dir() else '')", 30)["stdout"]
+            # in the Lab kernel an explorer is a live ipywidgets UI (headless runs get the static figure)
+            r = execute(ws, "shrink.explore.explore([{'a': 'x', 'b': 1, 'v': 1.0}, {'a': 'y', 'b': 1, 'v': 2.0}], "
+                            "['a', 'b'], metric='v')", CELL_TIMEOUT)
+            assert r["status"] == "ok", r["error"]
+            assert "application/vnd.jupyter.widget-view+json" in r["mime"], r["mime"]
         finally:
             ws.close()
 
