@@ -61,12 +61,12 @@ class BitsContext:
                           c.seed if calib_seed is None else calib_seed]}
 
     def ppl(self, *, w: QuantSpec | None = None, a: QuantSpec | None = None, prefix: KVPrefix | None = None,
-            prefix_name: str = "none", smooth_alpha: float | None = None, tag: str = "",
+            prefix_name: str | None = None, smooth_alpha: float | None = None, tag: str = "",
             perturb: tuple[float, int] | None = None, calib_seed: int | None = None) -> dict:
         """Cached perplexity of one configuration: ``{"ppl", "largest_range", "largest_range_at"}``.
 
-        ``prefix_name`` must identify the prefix (token ids, or a file hash for tuned prefixes): it is part
-        of the cache key. SmoothQuant (``smooth_alpha``) runs on a deep copy; the loaded model is never
+        ``prefix_name`` identifies the prefix in the cache key; default :func:`prefix_key` of ``prefix`` (from
+        the config that made it, never from its values). SmoothQuant (``smooth_alpha``) runs on a deep copy; the loaded model is never
         modified.
 
         Noise probes (both part of the cache key; the defaults leave the key of every earlier record as it was):
@@ -85,6 +85,11 @@ class BitsContext:
             perturb = (float(perturb[0]), int(perturb[1]))
         if calib_seed is not None and calib_seed == self.cfg.seed:
             calib_seed = None
+        if prefix_name is None:
+            prefix_name = prefix_key(prefix)
+        elif prefix is not None and prefix_name == "none":
+            raise ShrinkError("ppl(prefix=..., prefix_name='none'): 'none' is the key of runs without a prefix; "
+                              "leave prefix_name out (it defaults to prefix_key(prefix)).")
         cfg = {**self.base_config(calib_seed), "w": w.to_dict() if w else None, "a": a.to_dict() if a else None,
                "prefix": prefix_name, "smooth_alpha": smooth_alpha, "tag": tag}
         if perturb is not None:
