@@ -11,7 +11,7 @@ Minimization" (Shin, Park, Lee, Lee; EMNLP 2024) on top of SparseGPT (Frantar & 
 - :mod:`~shrink.obs`                 (core) input statistics, inverse-Hessian factor, OBS sweep — shared with quant
 - :mod:`~shrink.pruning.sequential`  the block loop with sparse and dense streams (:func:`prune_model`)
 - :mod:`~shrink.pruning.reconstruct` BR / GP / CR training with fixed masks
-- :mod:`~shrink.pruning.metrics`     the normalised reconstruction error (App. A)
+- :mod:`~shrink.blockwise`           (core) the sequential two-stream loop and the error metric (App. A)
 - :mod:`~shrink.pruning.selfgen`     self-generated calibration data (App. C)
 - :mod:`~shrink.pruning.compensate`  EoRA low-rank and FLAP-style bias compensation (training-free)
 - :mod:`~shrink.pruning.experiment`  notebook glue: data of a preset, cached measurements
@@ -21,7 +21,7 @@ Minimization" (Shin, Park, Lee, Lee; EMNLP 2024) on top of SparseGPT (Frantar & 
 from .compensate import LowRankAdd, bias_compensation, compensate_model, eora_factors
 from .magnitude import magnitude_mask
 from .masks import MaskSet, Pattern, PruningError, check_mask, parse_pattern, score_mask
-from .metrics import block_error
+from ..blockwise import block_error
 from .reconstruct import ReconConfig, reconstruct
 from .sequential import (PRUNERS, SCHEMES, PruneResult, PruneSpec, dense_streams, memory_estimate, prune_model,
                          select_linears)

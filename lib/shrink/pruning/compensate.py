@@ -93,7 +93,8 @@ def compensate_model(sparse_model: nn.Module, dense_model: nn.Module, calib_ids:
         dict with ``extra_params`` (number of added parameters).
     """
     from ..models import BlockRunner
-    from .sequential import _map_block, embed_all, select_linears
+    from ..blockwise import embed_all, map_block
+    from .sequential import select_linears
     from ..obs import StatsCollector
 
     if rank <= 0 and not bias:
@@ -107,7 +108,7 @@ def compensate_model(sparse_model: nn.Module, dense_model: nn.Module, calib_ids:
         dlin = select_linears(dense_blocks[i], targets)
         sc = StatsCollector(lin, hessian=rank > 0)
         with sc:
-            _map_block(runner, i, x, batch, on_batch=lambda s: sc.end_batch())
+            map_block(runner, i, x, batch, on_batch=lambda s: sc.end_batch())
         for name, mod in lin.items():
             delta = dlin[name].weight.float() - mod.weight.float()
             st = sc.stats[name]
@@ -124,5 +125,5 @@ def compensate_model(sparse_model: nn.Module, dense_model: nn.Module, calib_ids:
                     extra += b.numel()
                 else:
                     mod.bias.add_(b)
-        x = _map_block(runner, i, x, batch)
+        x = map_block(runner, i, x, batch)
     return {"extra_params": extra}

@@ -1,4 +1,5 @@
-"""The sequential pruning loop over decoder blocks with two activation streams.
+"""The sequential pruning loop over decoder blocks with two activation streams (the loop itself is the core
+:func:`shrink.blockwise.sequential`, shared with weight-only quantization; this module supplies the pruning).
 
 "Rethinking Pruning LLMs" (Shin et al., EMNLP 2024), Sec. 3 and the official ``prune_model``; SparseGPT's
 ``opt_sequential`` and Wanda's ``prune_wanda`` for the LR part. Per unit (one block; two consecutive
@@ -34,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..blockwise import dense_streams, embed_all, map_block, memory_estimate, sequential  # noqa: F401 (re-exported)
 from ..models import BlockRunner
+from ..obs import StatsCollector
 from .magnitude import magnitude_mask
 from .masks import MaskSet, Pattern, PruningError, check_mask, parse_pattern
-from .metrics import block_error
 from .reconstruct import ReconConfig, reconstruct
 from .sparsegpt import sparsegpt_prune
-from ..obs import StatsCollector
 from .wanda import wanda_mask
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -140,66 +141,6 @@ def select_linears(block: nn.Module, targets: str = "all") -> dict[str, nn.Linea
     return out
 
 
-@torch.no_grad()
-def _map_block(runner: BlockRunner, i: int, x: torch.Tensor, batch: int, block: nn.Module | None = None,
-               out_device=None, on_batch=None) -> torch.Tensor:
-    """Run block ``i`` over ``x`` ``[N, T, D]`` in chunks of ``batch`` -> ``[N, T, D]`` on ``x``'s device."""
-    dev = runner.device
-    out = torch.empty_like(x, device=out_device or x.device)
-    for s in range(0, x.shape[0], batch):
-        out[s:s + batch] = runner.run_block(i, x[s:s + batch].to(dev), block=block).to(out.device)
-        if on_batch is not None:
-            on_batch(s)
-    return out
-
-
-@torch.no_grad()
-def embed_all(runner: BlockRunner, ids: torch.Tensor, batch: int = 8, act_device="cpu") -> torch.Tensor:
-    """Block-0 inputs of ``ids`` ``[N, T]`` -> float ``[N, T, D]`` on ``act_device``."""
-    return torch.cat([runner.embed(ids[s:s + batch]).to(act_device) for s in range(0, ids.shape[0], batch)])
-
-
-@torch.no_grad()
-def dense_streams(model: nn.Module, ids: torch.Tensor, batch: int = 8, act_device="cpu") -> list[torch.Tensor]:
-    """The dense model's hidden states at every block boundary: list of ``L+1`` float ``[N, T, D]``
-    (``[0]`` = embeddings, ``[i+1]`` = after block ``i``). Compute once per model and calibration set and pass
-    to :func:`prune_model` (``dense=``) to avoid re-running dense blocks across pruners and schemes."""
-    runner = BlockRunner(model)
-    hs = [embed_all(runner, ids, batch, act_device)]
-    for i in range(len(runner)):
-        hs.append(_map_block(runner, i, hs[-1], batch))
-    return hs
-
-
-def memory_estimate(n: int, t: int, d: int, *, scheme: str, heldout: tuple[int, int] = (0, 0),
-                    dense_cached_blocks: int = 0) -> float:
-    """Activation-buffer estimate in MB (fp32): sparse + dense streams, the next dense activation, the BR
-    target and a scratch output for the calibration set, plus two streams for held-out data."""
-    per = n * t * d * 4
-    bufs = 4 + (1 if scheme == "BR" else 0)
-    held = heldout[0] * heldout[1] * d * 4 * 3
-    return (bufs * per + held + dense_cached_blocks * per) / 2 ** 20
-
-
-class _Dense:
-    """Dense stream: from a cache (list of ``L+1`` tensors) or advanced lazily with the still-dense blocks."""
-
-    def __init__(self, runner, x0, cache, batch):
-        self.runner, self.batch, self.cache = runner, batch, cache
-        self.acts = {0: x0} if cache is None else None
-
-    def ensure(self, i: int) -> None:
-        """Make activation ``i`` available; must be called while block ``i-1`` is still dense."""
-        if self.cache is not None or i in self.acts:
-            return
-        self.acts[i] = _map_block(self.runner, i - 1, self.acts[i - 1], self.batch)
-        for k in [k for k in self.acts if k < i - 2]:
-            del self.acts[k]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.cache[i] if self.cache is not None else self.acts[i]
-
-
 def _mask_group(spec: PruneSpec) -> str:
     if spec.pattern != "unstructured":
         return "nm"
@@ -258,111 +199,38 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, spec: PruneSpec, *,
         print(f"[shrink.pruning] {spec.pruner} {pat} {spec.scheme} targets={spec.targets}: {L} blocks, "
               f"calibration {n_cal}x{ids.shape[1]}" + (f" + {ids.shape[0] - n_cal} extra" if extra_ids is not None
                                                           else "") + f"; activation buffers ~{mem:.0f} MB on {act_device}")
-    times = {"stats": 0.0, "solve": 0.0, "recon": 0.0, "eval": 0.0}
-    t_all = time.perf_counter()
     block_names = {id(m): n for n, m in model.named_modules()}
     masks = MaskSet(model)
 
-    t0 = time.perf_counter()
-    x = dense[0].clone() if dense is not None else embed_all(runner, ids, spec.batch, act_device)
-    dstream = _Dense(runner, x.clone() if dense is None else None, dense, spec.batch)
-    hx = hd = None
-    if heldout_ids is not None:
-        hx = dense_heldout[0].clone() if dense_heldout is not None else embed_all(runner, heldout_ids, spec.batch,
-                                                                                   act_device)
-        hd = _Dense(runner, hx.clone() if dense_heldout is None else None, dense_heldout, spec.batch)
-    times["eval"] += time.perf_counter() - t0
+    def compress(b, block, lin, sc):
+        _prune_block(block, lin, sc, spec, pat, masks, block_names)
 
-    units = [[i] for i in range(L)]
-    done_after = list(range(L))
-    if cr:
-        units = [[0]] + [[k, k + 1] for k in range(L - 1)] + [[L - 1]] if L > 1 else [[0]]
-        done_after = [None] + list(range(L - 1)) + [L - 1] if L > 1 else [0]
-    pruned: set[int] = set()
-    blocks_out: list[dict] = []
-    losses: list[list[float]] = []
-    cur_in = x  # sparse-stream input of units[u][0]
+    def recon(unit, unit_in, target):
+        params = [p for b in unit for p in runner.blocks[b].parameters()]
+        unit_masks = MaskSet(model, {n: m for n, m in masks
+                                     if any(n.startswith(block_names[id(runner.blocks[b])] + ".") for b in unit)})
 
-    for unit, done in zip(units, done_after):
-        # --- prune the unit's new block (at most one per unit) --------------------------------------
-        unit_in = cur_in
-        br_target = None
-        for pos, b in enumerate(unit):
-            if pos > 0:  # input of the second block of a CR window: first block (current state) on the stream
-                t0 = time.perf_counter()
-                unit_in_b = _map_block(runner, unit[0], cur_in, spec.batch)
-                times["stats"] += time.perf_counter() - t0
-            else:
-                unit_in_b = cur_in
-            if b in pruned:
-                continue
-            block = runner.blocks[b]
-            lin = select_linears(block, spec.targets)
-            t0 = time.perf_counter()
-            dstream.ensure(b + 1)
-            if hd is not None:
-                hd.ensure(b + 1)
-            need_stats = spec.pruner != "magnitude"
-            need_lp = spec.scheme == "BR"
-            sc = StatsCollector(lin, hessian=spec.pruner == "sparsegpt", enabled=need_stats)
-            if need_stats or need_lp:
-                with sc:  # statistics from the calibration sequences only (never the extra ones)
-                    out = _map_block(runner, b, unit_in_b[:n_cal], spec.batch, on_batch=lambda s: sc.end_batch())
-                if need_lp:
-                    if ids.shape[0] > n_cal:
-                        out = torch.cat([out, _map_block(runner, b, unit_in_b[n_cal:], spec.batch)])
-                    br_target = out
-            times["stats"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _prune_block(block, lin, sc, spec, pat, masks, block_names)
-            times["solve"] += time.perf_counter() - t0
-            pruned.add(b)
-        # --- reconstruct -----------------------------------------------------------------------------
-        if spec.scheme != "LR":
-            target = dstream[unit[-1] + 1] if gp else br_target
-            params = [p for b in unit for p in runner.blocks[b].parameters()]
-            unit_masks = MaskSet(model, {n: m for n, m in masks
-                                         if any(n.startswith(block_names[id(runner.blocks[b])] + ".") for b in unit)})
+        def fn(h):
+            for b in unit:
+                h = runner.run_block(b, h)
+            return h
+        cfg = spec.recon
+        return reconstruct(fn, params, unit_masks, unit_in, target,
+                           ReconConfig(**{**asdict(cfg), "seed": cfg.seed + unit[0]}))["losses"]
 
-            def fn(h, unit=unit):
-                for b in unit:
-                    h = runner.run_block(b, h)
-                return h
-            t0 = time.perf_counter()
-            cfg = spec.recon
-            r = reconstruct(fn, params, unit_masks, unit_in, target,
-                            ReconConfig(**{**asdict(cfg), "seed": cfg.seed + unit[0]}))
-            times["recon"] += time.perf_counter() - t0
-            losses.append(r["losses"])
-        # --- finalise a block: advance the sparse streams and log errors ------------------------------
-        if done is None:
-            continue
-        t0 = time.perf_counter()
-        cur_in = _map_block(runner, done, cur_in, spec.batch)
-        if hd is not None:
-            hd.ensure(done + 1)
-        dstream.ensure(done + 1)
-        e = block_error(cur_in[:n_cal], dstream[done + 1][:n_cal])
-        row = {"block": done, "err_calib": e["err"], "rel_calib": e["rel"], "tok0_calib": e["tok0_share"],
-               "err_calib_no_tok0": e["err_no_tok0"]}
-        if hx is not None:
-            hx = _map_block(runner, done, hx, spec.batch)
-            e = block_error(hx, hd[done + 1])
-            row.update(err_test=e["err"], rel_test=e["rel"], tok0_test=e["tok0_share"], err_test_no_tok0=e["err_no_tok0"])
-        blocks_out.append(row)
-        times["eval"] += time.perf_counter() - t0
-        if verbose and (done in (0, L - 1) or done % max(1, L // 5) == 0):
-            print(f"  block {done:2d}: err_calib={row['err_calib']:.4g}" +
-                  (f" err_test={row['err_test']:.4g}" if hx is not None else ""))
-    times["total"] = time.perf_counter() - t_all
+    seq = sequential(runner, ids, n_cal, linears=lambda block: select_linears(block, spec.targets), compress=compress,
+                     needs_stats=spec.pruner != "magnitude", hessian=spec.pruner == "sparsegpt",
+                     block_target=spec.scheme == "BR", reconstruct=recon if spec.scheme != "LR" else None, gp=gp, cr=cr,
+                     batch=spec.batch, dense=dense, heldout_ids=heldout_ids, dense_heldout=dense_heldout,
+                     act_device=act_device, verbose=verbose)
     group = _mask_group(spec)
     sp = {}
     for name, m in masks:
         sp[name] = check_mask(m, pat, group if group != "nm" else "matrix", name, spec.blocksize)["sparsity"]
     sp["__all__"] = masks.sparsity()["__all__"]
     masks.verify()
-    return PruneResult(spec, masks, blocks_out, {k: round(v, 3) for k, v in times.items()}, sp, round(mem, 1),
-                       losses)
+    return PruneResult(spec, masks, seq.blocks, {k: round(v, 3) for k, v in seq.times.items()}, sp, round(mem, 1),
+                       seq.losses)
 
 
 @torch.no_grad()
