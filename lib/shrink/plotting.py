@@ -124,9 +124,10 @@ def spread_plot(data, *, x: str, y: str, hue: str | None = None, lo: str | None 
 
 def curve_plot(data, *, x: str, y: str, hue: str | None = None, hue_order=None, palette=None,
                log: bool = False, ax=None, legend: bool = True):
-    """Curves with their spread: the mean over the repeated draws and a [min, max] band (``seaborn.lineplot``
-    with ``errorbar=("pi", 100)``); ``data`` is long-format (one row per draw and x), e.g. the per-block
-    error of every seed. With one draw per curve it is a plain line."""
+    """Curves with their spread: per ``hue`` level the mean over the repeated draws at each ``x`` and a
+    [min, max] band (what ``seaborn.lineplot(errorbar=("pi", 100))`` draws, aggregated with one vectorised
+    ``groupby`` so an explorer redraws at once); ``data`` is long-format (one row per draw and x), e.g. the
+    per-block error of every seed. With one draw per curve it is a plain line, without a band."""
     import pandas as pd
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -134,16 +135,23 @@ def curve_plot(data, *, x: str, y: str, hue: str | None = None, hue_order=None, 
     if ax is None:
         ax = Figure(figsize=STYLE["figure.figsize"]).subplots()
     df = pd.DataFrame(data)
-    kw = {}
     if hue:
-        hues = [str(v) for v in (hue_order if hue_order is not None else dict.fromkeys(df[hue]))]
         df = df.assign(**{hue: df[hue].astype(str)})
-        kw = dict(hue=hue, hue_order=hues, palette=dict(zip(hues, sns.color_palette(palette or "deep", len(hues)))))
-    repeated = len(df) and df.groupby([hue, x] if hue else [x]).size().max() > 1  # a band only over >1 draw
-    sns.lineplot(data=df, x=x, y=y, estimator="mean", errorbar=("pi", 100) if repeated else None, ax=ax,
-                 legend=legend, **kw)
+        hues = [str(v) for v in (hue_order if hue_order is not None else dict.fromkeys(df[hue]))]
+    else:
+        hues = [None]
+    colors = dict(zip(hues, sns.color_palette(palette or "deep", len(hues))))
+    for hv in hues:
+        part = df[df[hue] == hv] if hue else df
+        if not len(part):
+            continue
+        agg = part.groupby(x, sort=True)[y].agg(["mean", "min", "max", "size"])
+        ax.plot(agg.index, agg["mean"], color=colors[hv], label=hv if hue else None)
+        if agg["size"].max() > 1:
+            ax.fill_between(agg.index, agg["min"], agg["max"], color=colors[hv], alpha=0.2, linewidth=0)
+    ax.set(xlabel=x, ylabel=y)
     if log:
         _log_y(ax)
-    if hue and legend and ax.get_legend() is not None:
+    if hue and legend:
         ax.legend(title=hue, fontsize=8, title_fontsize=8)
     return ax
