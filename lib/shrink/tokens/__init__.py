@@ -7,7 +7,7 @@ Modules: :mod:`~shrink.tokens.attention`, :mod:`~shrink.tokens.scores`, :mod:`~s
 presets in :mod:`~shrink.tokens.presets`. This package does not import the other chapters' packages.
 """
 
-from . import attention, decoder, encoder, flops, scores, select
+from . import attention, decoder, encoder, flops, presets, scores, select
 from .attention import TokenInputError, attention_probs
 from .scores import SCORES, score, wpr_heads
 from .select import divprune_keep, kept_count, tome_merge, topk_keep, zero_tprune_keep

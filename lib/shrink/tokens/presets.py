@@ -32,6 +32,7 @@ class TokensEncoderPreset(Preset):
     keeps: tuple = (0.7, 0.5, 0.3)
     seeds: tuple = (0, 1, 2)          # seeds of the random baseline
     wpr_iterations: int = 30
+    vhf_range: tuple = (15.0, 60.0)   # VHF head-variance window (variance of N·s_h; MiniLM block 1: 5-95 % = 13-61)
     paper_model: str = "deit_small_patch16_224"
     paper_command: str = ""
 
@@ -79,7 +80,8 @@ _LMMS = ("pip install lmms-eval==0.2.4 && python -m lmms_eval --model llava --mo
 
 register("tokens-encoder", {
     "tiny": TokensEncoderPreset(model="tiny-bert", n_sentences=12, min_tokens=24, max_tokens=64, prune_at=1,
-                                keeps=(0.7, 0.5), seeds=(0, 1, 2), wpr_iterations=10),
+                                keeps=(0.7, 0.5), seeds=(0, 1, 2), wpr_iterations=10,
+                                vhf_range=(0.0, 1e9)),
     "cpu": TokensEncoderPreset(model="minilm"),
     "paper": TokensEncoderPreset(model="minilm", n_sentences=1000, paper_command=_TIMM),
 })
