@@ -120,11 +120,14 @@ class Featurizer:
         ngrams: 1 (unigrams) or 2 (unigrams + bigrams, the official default).
         num_buckets: ``m`` (official default 10,000; at most 2**31).
         batch_size: examples hashed per vectorised batch.
+        salt: fast mode only: a key for BLAKE2b, giving an independent hash family (``salt=1`` is the
+            handbook's *held-out* metric space, in which neither mode's selection was optimised).
 
     The object keeps its memo tables (token ids, bucket tables) between calls; it is picklable.
     """
 
-    def __init__(self, mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000, batch_size: int = 2048):
+    def __init__(self, mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000, batch_size: int = 2048,
+                 salt: int = 0):
         if mode not in MODES:
             raise SelectionError(f"unknown featurizer mode {mode!r}; use 'exact' (official SHA-256 buckets) "
                                  "or 'fast' (vectorised hashing).")
@@ -133,7 +136,11 @@ class Featurizer:
                                  "default) are implemented.")
         if not 1 <= num_buckets < 2**31:
             raise SelectionError(f"num_buckets={num_buckets} must be in [1, 2**31); DSIR uses 10000.")
+        if salt and mode != "fast":
+            raise SelectionError("salt applies to mode='fast' only (exact mode is the official SHA-256).")
         self.mode, self.ngrams, self.num_buckets, self.batch_size = mode, ngrams, int(num_buckets), batch_size
+        self.salt = int(salt)
+        self._key = self.salt.to_bytes(8, "little") if self.salt else b""
         self._vocab: dict[str, int] = {}
         self._tokens: list[str] = []
         self._tok_val = np.zeros(0, np.uint64)  # exact: unigram bucket; fast: 64-bit token hash
@@ -163,7 +170,8 @@ class Featurizer:
                 m = self.num_buckets
                 vals = np.fromiter((sha256_bucket(t, m) for t in new), np.uint64, len(new))
             else:
-                vals = np.fromiter((int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(),
+                key = self._key
+                vals = np.fromiter((int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest(),
                                                    "little") for t in new), np.uint64, len(new))
             self._tok_val = np.concatenate([self._tok_val, vals])
         return ids
@@ -209,6 +217,12 @@ class Featurizer:
         return vals[inv.reshape(-1)]
 
 
-def featurize(texts: Iterable[str], mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000) -> Features:
+def featurize(texts: Iterable[str], mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000,
+              salt: int = 0) -> Features:
     """One-shot :class:`Featurizer` call."""
-    return Featurizer(mode, ngrams, num_buckets)(texts)
+    return Featurizer(mode, ngrams, num_buckets, salt=salt)(texts)
+
+
+def heldout_featurize(texts: Iterable[str], ngrams: int = 2, num_buckets: int = 10000) -> Features:
+    """The held-out metric space: fast-mode features under ``salt=1`` (independent of both selectors)."""
+    return featurize(texts, "fast", ngrams, num_buckets, salt=1)

@@ -1,0 +1,141 @@
+"""The chapter's experiments as functions of a preset: pool setting, the DSIR KL-reduction runs.
+
+Every run goes through :func:`shrink.results.cached` (``results/<scale>/04-data/``); the cache key is the
+preset's pool/target/DSIR fields, ``with_wiki`` and the seed, never a computed number.
+
+Metric spaces. KL reduction is reported in two hashed unigram+bigram spaces (10k buckets each):
+``official`` — the official SHA-256 buckets DSIR-exact fits its weights in (the paper's choice: DSIR's own
+features, so DSIR's number is in-sample); ``heldout`` — an independent hash family
+(:func:`shrink.selection.features.heldout_featurize`) that no selector was fitted in, which is the fair
+yardstick between exact and fast mode (each mode scores best in its own buckets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .. import results
+from . import metrics, pools
+from .dsir import DSIR
+from .features import Features, featurize, heldout_featurize
+
+CHAPTER = "04-data"
+SPACES = ("official", "heldout")
+
+
+@dataclass
+class Setting:
+    """A pool, its target and the metric features of both (``spaces[name] = (pool_feats, target_counts)``)."""
+
+    pool: list[dict]
+    target: list[dict]
+    with_wiki: bool
+    spaces: dict
+
+    @property
+    def domains(self) -> list[str]:
+        return [c["domain"] for c in self.pool]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c["text"] for c in self.pool]
+
+    def kl_reduction(self, indices, space: str = "official", alpha: float = 1.0) -> float:
+        pf, tc = self.spaces[space]
+        mask = np.zeros(len(self.pool), bool)
+        mask[np.asarray(indices, np.int64)] = True
+        return metrics.kl_reduction(tc, pf.counts(), pf.counts(mask), alpha)
+
+    def kl_bound(self, space: str = "official", alpha: float = 1.0) -> float:
+        """``KL(target || raw)``: the KL reduction of a selection whose n-grams are exactly the target's."""
+        pf, tc = self.spaces[space]
+        return metrics.kl(tc, pf.counts(), alpha)
+
+
+def pool_config(cfg, with_wiki: bool) -> dict:
+    return {"domains": list(cfg.domains), "words": cfg.words, "max_per_domain": cfg.max_per_domain,
+            "with_wiki": bool(with_wiki), "target": "wikitext2/validation even articles",
+            "target_max_chunks": cfg.target_max_chunks}
+
+
+@lru_cache(maxsize=4)
+def _setting(domains: tuple, words: int, max_per_domain, target_max_chunks, with_wiki: bool,
+             num_buckets: int) -> Setting:
+    pool = pools.build_pool(domains, with_wiki=with_wiki, words=words, max_per_domain=max_per_domain)
+    target = pools.target_chunks(words, target_max_chunks)
+    spaces = {}
+    for name, fz in (("official", featurize), ("heldout", heldout_featurize)):
+        pf: Features = fz([c["text"] for c in pool], num_buckets=num_buckets)
+        spaces[name] = (pf, fz([c["text"] for c in target], num_buckets=num_buckets).counts())
+    return Setting(pool, target, with_wiki, spaces)
+
+
+def setting(cfg, with_wiki: bool = False) -> Setting:
+    """The pool (with or without WikiText) and target of a preset, with metric features (memoised)."""
+    return _setting(tuple(cfg.domains), cfg.words, cfg.max_per_domain, cfg.target_max_chunks, bool(with_wiki),
+                    cfg.num_buckets)
+
+
+def random_selection(n: int, k: int, seed: int) -> np.ndarray:
+    """Uniform random ``k`` of ``n`` without replacement (``np.random.default_rng(seed)``), sorted."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)).astype(np.int64)
+
+
+def _describe(st: Setting, idx: np.ndarray, alpha: float, ref: np.ndarray | None = None) -> dict:
+    import hashlib
+
+    out = {f"kl_{s}": st.kl_reduction(idx, s, alpha) for s in SPACES}
+    out["selection_sha"] = hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:12]
+    if ref is not None:
+        out["overlap_topk"] = len(np.intersect1d(idx, ref)) / len(ref)
+    out["composition"] = metrics.composition(st.domains, idx)
+    out["precision_wiki"] = metrics.precision(st.domains, idx, "wikitext2")
+    return out
+
+
+def dsir_kl_run(cfg, *, with_wiki: bool, seed: int, scale: str) -> dict:
+    """One seed of the KL-reduction table: DSIR (exact/fast, Gumbel/top-k), random, and (with WikiText in
+    the pool) the oracle = k random WikiText chunks. Cached as ``dsir-kl``."""
+    config = {"pool": pool_config(cfg, with_wiki), "k": cfg.k, "seed": seed, "num_buckets": cfg.num_buckets,
+              "ngrams": cfg.ngrams, "min_example_length": cfg.min_example_length, "kl_alpha": cfg.kl_alpha,
+              "metric_spaces": list(SPACES)}
+
+    def run() -> dict:
+        st = setting(cfg, with_wiki)
+        a = cfg.kl_alpha
+        out: dict = {"pool_chunks": len(st.pool), "pool_hash": pools.pool_hash(st.pool),
+                     "bound": {f"kl_{s}": st.kl_bound(s, a) for s in SPACES}, "methods": {}}
+        for mode in ("exact", "fast"):
+            d = DSIR(mode=mode, ngrams=cfg.ngrams, num_buckets=cfg.num_buckets,
+                     min_example_length=cfg.min_example_length).fit(st.texts, [c["text"] for c in st.target])
+            top = d.select(cfg.k, top_k=True)
+            out["methods"][f"dsir-{mode}"] = _describe(st, d.select(cfg.k, seed=seed), a, top)
+            out["methods"][f"dsir-{mode}-topk"] = _describe(st, top, a)
+            if mode == "exact":
+                out["eligible"] = int(d.eligible().sum())
+        out["methods"]["random"] = _describe(st, random_selection(len(st.pool), cfg.k, seed), a)
+        if with_wiki:
+            wiki = np.flatnonzero(np.array(st.domains) == "wikitext2")
+            pick = np.sort(np.random.default_rng(seed).choice(wiki, size=min(cfg.k, wiki.size), replace=False))
+            out["methods"]["oracle"] = _describe(st, pick, a)
+        return out
+
+    return results.cached("dsir-kl", config, run, scale=scale, chapter=CHAPTER)
+
+
+def pool_summary(cfg, *, scale: str) -> dict:
+    """Pool statistics for notebook 04a (per domain, hashes, shard round trip). Cached as ``pool-summary``."""
+    config = {"pool": pool_config(cfg, True)}
+
+    def run() -> dict:
+        st = setting(cfg, True)
+        rows = pools.summary(st.pool)
+        return {"rows": rows, "pool_hash": pools.pool_hash(st.pool),
+                "pool_hash_no_wiki": pools.pool_hash([c for c in st.pool if c["domain"] != "wikitext2"]),
+                "target_chunks": len(st.target), "target_hash": pools.pool_hash(st.target),
+                "chunks": len(st.pool), "words": sum(r["words"] for r in rows)}
+
+    return results.cached("pool-summary", config, run, scale=scale, chapter=CHAPTER)
