@@ -5,7 +5,7 @@ offline) in Debian's headless Chromium, driven over the Chrome DevTools Protocol
 the network emulated offline, and checks per page:
 
 * math is typeset: every Sphinx math node (``span.math`` / ``div.math``) holds an ``mjx-container`` and no
-  raw ``$$`` or ``\\(`` delimiters are left in the text;
+  raw ``$$`` or ``\\(`` delimiters are left in the prose (code and outputs excluded);
 * every ``<img>`` loaded (``naturalWidth > 0``);
 * every link to a local file points to a file that exists (and a ``#fragment`` to an element that exists);
 * no console error, no uncaught exception, no failed resource load, no request outside ``file://``;
@@ -139,7 +139,10 @@ _CHECK_JS = r"""
   const aRect = article.getBoundingClientRect();
   const mathNodes = [...document.querySelectorAll('span.math, div.math')];
   const untypeset = mathNodes.filter(n => !n.querySelector('mjx-container')).map(n => n.textContent.slice(0, 80));
-  const text = article.innerText;
+  const prose = article.cloneNode(true);  // prose only: code and outputs may contain $$ or \( legitimately
+  prose.querySelectorAll('pre, code, .cell_input, .cell_output, .output, script, style, mjx-container')
+       .forEach(e => e.remove());
+  const text = prose.textContent;
   const raw = [];
   for (const d of ['$$', '\\(', '\\[']) { if (text.includes(d)) raw.push(d); }
   const imgs = [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));
@@ -191,10 +194,8 @@ def test_book_was_built():
     assert redirect and (HTML / redirect.group(1)).exists(), "index.html does not redirect to an existing page"
 
 
-@pytest.mark.parametrize("page", PAGES or ["(none)"])
-def test_page(browser, page):
-    assert page != "(none)", f"no book at {HTML}: run `make book BOOK_SCALE=tiny` first"
-    path = HTML / page
+def page_problems(browser, path: Path) -> list[str]:
+    """Everything wrong with one page, as opened from disk in the browser."""
     browser.events.clear()
     browser.send("Page.navigate", url=path.as_uri())
     browser.wait_event("Page.loadEventFired", timeout=60)
@@ -255,6 +256,37 @@ def test_page(browser, page):
     for forbidden in _forbidden_paths():
         if forbidden in info["text"]:
             problems.append(f"page text carries the machine path {forbidden}")
+    return list(dict.fromkeys(problems))
+
+
+_BAD_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
+<script src="https://cdn.example.org/mathjax/tex-chtml.js"></script></head>
+<body><main style="width:400px">
+<p>Raw math $$x^2$$ left untypeset: <span class="math">\\(a+b\\)</span></p>
+<img src="missing.png"><a href="nowhere.html">broken</a><a href="#no-such-anchor">anchor</a>
+<table><tr><td style="white-space:nowrap">{wide}</td></tr></table>
+<div style="overflow-x:auto"><table><tr><td style="white-space:nowrap">{wide}</td></tr></table></div>
+<p>{root}</p>
+<script>console.error("boom"); undefined_function();</script>
+</main></body></html>"""
+
+
+def test_checker_catches_a_bad_page(browser, tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text(_BAD_PAGE.format(wide="wide " * 200, root=ROOT))
+    joined = "\n".join(page_problems(browser, bad))
+    for expected in ("math not typeset", "raw math delimiters", "images not loaded", "broken link: ",
+                     "broken anchor: #no-such-anchor", "console error: boom", "uncaught exception",
+                     "request outside the book", "table 0", "is clipped", f"machine path {ROOT}"):
+        assert expected in joined, (expected, joined)
+    assert "table 1" not in joined  # the wide table inside a scroll container is fine
+
+
+@pytest.mark.parametrize("page", PAGES or ["(none)"])
+def test_page(browser, page):
+    assert page != "(none)", f"no book at {HTML}: run `make book BOOK_SCALE=tiny` first"
+    path = HTML / page
+    problems = page_problems(browser, path)
 
     # one screenshot per chapter (first page of each notebooks/<chapter>/) and of the intro
     parts = Path(page).parts
@@ -271,4 +303,4 @@ def test_page(browser, page):
                             clip={"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1})
         (SHOTS / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
-    assert not problems, f"{page}:\n  " + "\n  ".join(dict.fromkeys(problems))
+    assert not problems, f"{page}:\n  " + "\n  ".join(problems)
