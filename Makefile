@@ -16,11 +16,27 @@ export SHRINK_HEADLESS := 1
 export TQDM_DISABLE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
+# A recipe that fails (or is interrupted) never leaves its target behind looking up to date.
+.DELETE_ON_ERROR:
+
+# Notebook selection, validated when the Makefile is read (a typo fails at once, naming the fix).
+SCALES := tiny cpu paper
 SCALE ?= cpu
-NB ?= $(sort $(wildcard notebooks/*/*.md))
+ALL_NB := $(sort $(wildcard notebooks/*/*.md))
+NB ?= $(ALL_NB)
 CHAPTER ?=
+ifneq ($(filter-out $(SCALES),$(SCALE) $(BOOK_SCALE))$(word 2,$(SCALE)),)
+$(error scale '$(filter-out $(SCALES),$(SCALE) $(BOOK_SCALE))' (SCALE=$(SCALE) BOOK_SCALE=$(BOOK_SCALE)) is not one of $(SCALES) (tiny = CI invariants, cpu = SmolLM2 default, paper = GPU + internet), e.g. `make notebooks SCALE=tiny`)
+endif
 ifneq ($(CHAPTER),)
 NB := $(sort $(wildcard notebooks/$(CHAPTER)*/*.md))
+ifeq ($(NB),)
+$(error CHAPTER=$(CHAPTER) matches no folder notebooks/$(CHAPTER)*/ with notebooks; chapters: $(notdir $(wildcard notebooks/[0-9]*)) (e.g. CHAPTER=01))
+endif
+endif
+NB := $(patsubst ./%,%,$(NB))
+ifneq ($(filter-out $(ALL_NB),$(NB)),)
+$(error NB=$(filter-out $(ALL_NB),$(NB)) is not a notebook: give notebooks/<chapter>/<name>.md files that exist (`ls notebooks/*/*.md`))
 endif
 LIB := $(shell find lib -name '*.py' -o -name '*.mplstyle')
 # Notebooks whose tiny-scale outputs are deterministic and compared exactly by nbval.
@@ -63,8 +79,13 @@ check-data:
 # One rule per scale: notebooks/<ch>/<nb>.md -> build/executed/<scale>/<ch>/<nb>.ipynb.
 # A change under lib/ re-executes; a failed notebook is kept as *.failed.ipynb and never counts as done.
 define NB_RULE
+# `shrink run` writes the output only once the notebook is complete; on failure its JSON summary and the
+# error are shown (stdout is hidden only on success).
 build/executed/$(1)/%.ipynb: notebooks/%.md $(LIB) | $(STAMP) check-data
-	$(BIN)/shrink run $$< --scale $(1) --out build/executed > /dev/null
+	@echo "shrink run $$< --scale $(1)"
+	@out=$$$$($(BIN)/shrink run $$< --scale $(1) --out build/executed) || { rc=$$$$?; echo "$$$$out"; \
+	  echo "FAILED ($$$$rc): $$< at scale $(1); inspect $$(@:.ipynb=.failed.ipynb) or rerun the line above" >&2; \
+	  exit $$$$rc; }
 endef
 $(foreach s,tiny cpu paper,$(eval $(call NB_RULE,$(s))))
 
@@ -80,6 +101,9 @@ $(MATHJAX_DIR)/tex-mml-chtml.js:
 
 BOOK_SCALE ?= $(SCALE)
 book: $(call executed,$(BOOK_SCALE)) $(MATHJAX_DIR)/tex-mml-chtml.js | $(STAMP)
+	@# refuse a notebook that is not fully executed (a cell that never ran, an error, no sanity checks)
+	@mkdir -p build && $(BIN)/shrink check $(call executed,$(BOOK_SCALE)) > build/book-check.json \
+	  || { cat build/book-check.json; exit 1; }
 	rm -rf build/book && mkdir -p build/book/_mathjax/mathjax
 	cp -r book/. build/book/
 	cd $(MATHJAX_DIR) && cp -r tex-mml-chtml.js input output a11y ui adaptors $(CURDIR)/build/book/_mathjax/mathjax/

@@ -10,7 +10,7 @@ any other exception is a bug: ``{"error": "internal", "type": ..., "message": <i
 stdout is always valid JSON (a NaN is never printed: a non-finite result is an error naming the cause).
 
 ``shrink run`` executes each notebook into a hidden temporary file next to the output
-(``.<name>.ipynb.partial``, a name that neither Make nor the book picks up), checks it is complete
+(``.<name>.ipynb.<pid>.partial``, a name that neither Make nor the book picks up), checks it is complete
 (:func:`shrink.notebook.check_executed`) and only then renames it into place. A failure keeps
 ``<name>.failed.ipynb`` for inspection; Ctrl-C / SIGTERM remove the temporary file and exit 130 / 143.
 """
@@ -66,12 +66,26 @@ def notebook_output(nb: Path, scale: str, out_root: Path) -> Path:
 
 
 def partial_path(out: Path) -> Path:
-    """Temporary file a run executes into: ``.<name>.ipynb.partial`` (never matches ``*.ipynb``)."""
-    return out.with_name(f".{out.name}.partial")
+    """Temporary file a run executes into: ``.<name>.ipynb.<pid>.partial`` (never matches ``*.ipynb``; one per
+    process, so two runs of the same notebook never write into each other's file)."""
+    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete the temporary files of earlier runs of this notebook whose process is gone (SIGKILL, a crash)."""
+    for f in [*out.parent.glob(f".{out.name}.*.partial"), *out.parent.glob(f".{out.stem}.src.*.partial")]:
+        try:
+            pid = int(f.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
 
 
 class Interrupted(BaseException):
-    """SIGTERM (or SIGHUP) during ``shrink run``: unwinds like Ctrl-C so that every temporary file is removed."""
+    """SIGINT, SIGTERM or SIGHUP during ``shrink run``: unwinds the stack (like Ctrl-C) so that papermill shuts
+    the kernel down and every temporary file is removed."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
@@ -85,15 +99,20 @@ def _raise_interrupted(signum, _frame):
 def _run_one(nb: Path, out: Path, scale: str, log_output: bool) -> tuple[str, str | None]:
     """Execute ``nb`` into ``partial_path(out)``, check it, rename into ``out``. Returns ``(status, error)``."""
     import jupytext
+    import nbformat
     import papermill
 
     from .notebook import check_executed
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The specified file .* does not end in")  # our .partial names
     tmp, failed = partial_path(out), out.with_suffix(".failed.ipynb")
-    src = out.with_name(f".{out.stem}.src.ipynb.partial")
+    src = out.with_name(f".{out.stem}.src.{os.getpid()}.partial")
+    _remove_stale_partials(out)
     out.unlink(missing_ok=True)  # an old output must not survive a re-run that fails
     try:
-        jupytext.write(jupytext.read(nb), src, fmt="ipynb")
+        nbformat.write(jupytext.read(nb), str(src))
         try:
             papermill.execute_notebook(str(src), str(tmp), parameters={"scale": scale}, kernel_name="python3",
                                        cwd=str(nb.parent), progress_bar=False, log_output=log_output)
@@ -123,7 +142,7 @@ def cmd_run(args) -> dict:
         if nb.suffix != ".md" or not nb.is_file():
             raise BadInputError(f"{nb} is not a MyST notebook (.md file) under notebooks/; list them with "
                                 "`ls notebooks/*/*.md`.")
-    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     summary = []
     try:
         for i, nb in enumerate(nbs, 1):
