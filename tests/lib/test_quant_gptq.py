@@ -112,3 +112,59 @@ def test_bad_weight_specs():
         gptq_quantize([W], H, QuantSpec(bits=4, granularity="column"))
     with pytest.raises(QuantError, match="must be"):
         gptq_quantize([W[:, :8]], H, QuantSpec(bits=4, granularity="channel"))
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+@pytest.fixture(scope="module")
+def tiny():
+    import shrink.models as M
+
+    model, _ = M.load("tiny-llama")
+    g = torch.Generator().manual_seed(0)
+    return model, torch.randint(0, 256, (8, 32), generator=g)
+
+
+def test_quantize_model_rtn_equals_per_linear_and_gptq_beats_it_on_calibration(tiny):
+    import copy
+
+    from shrink.quant import WeightQuantSpec, quantize_model
+    from shrink.quant.gptq import decoder_weight_linears
+    from shrink.models import BlockRunner
+
+    model, ids = tiny
+    grid = QuantSpec(bits=3, symmetric=False, granularity="channel")
+    m_rtn, m_gptq = copy.deepcopy(model), copy.deepcopy(model)
+    r_rtn = quantize_model(m_rtn, ids, WeightQuantSpec(method="rtn", grid=grid), verbose=False)
+    r_gptq = quantize_model(m_gptq, ids, WeightQuantSpec(method="gptq", grid=grid), verbose=False)
+    for b0, b1, bq in zip(BlockRunner(model).blocks, BlockRunner(m_rtn).blocks, BlockRunner(m_gptq).blocks):
+        l0, l1, lq = decoder_weight_linears(b0), decoder_weight_linears(b1), decoder_weight_linears(bq)
+        for n in l0:
+            assert torch.equal(l1[n].weight, rtn_quantize(l0[n].weight, grid))
+            assert max(len(torch.unique(r)) for r in lq[n].weight) <= 2 ** grid.bits
+    assert r_gptq["final"]["err_calib"] < r_rtn["final"]["err_calib"]
+    assert r_gptq["bits_per_weight"] == 3
+
+
+def test_quantize_model_at_16_bits_keeps_the_function(tiny):
+    import copy
+
+    from shrink.quant import WeightQuantSpec, quantize_model
+
+    model, ids = tiny
+    m = copy.deepcopy(model)
+    quantize_model(m, ids, WeightQuantSpec(grid=QuantSpec(bits=16, symmetric=False, granularity="channel")),
+                   verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, model(ids).logits, atol=1e-3)
+
+
+def test_quantize_model_bad_inputs(tiny):
+    from shrink.quant import WeightQuantSpec, quantize_model
+
+    model, ids = tiny
+    with pytest.raises(QuantError, match="calibration"):
+        quantize_model(model, None, WeightQuantSpec(method="gptq"))
+    with pytest.raises(QuantError, match="method"):
+        quantize_model(model, ids, WeightQuantSpec(method="awq"))
+    with pytest.raises(QuantError, match="int64"):
+        quantize_model(model, ids.float(), WeightQuantSpec())

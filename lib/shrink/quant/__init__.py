@@ -14,7 +14,7 @@ from .quantizer import QuantError, QuantSpec, fake_quant, qparams, quant_error, 
 from .fakequant import (QuantLinear, calibrate, decoder_linears, largest_static_range, quant_linears,  # noqa: F401
                         perturb_ranges, quantized, set_ranges, static_ranges, unwrap_model, wrap_model)
 from .smoothquant import act_scales, smooth_model  # noqa: F401
-from .gptq import gptq_quantize, rtn_quantize  # noqa: F401
+from .gptq import WeightQuantSpec, gptq_quantize, quantize_model, rtn_quantize  # noqa: F401
 from .cushioncache import (LQ_SPEC, LqRecorder, SearchResult, candidate_lq, greedy_search,  # noqa: F401
                            prefixquant_tokens, prerank_vocab, search_throughput, shortlist, text_lq, tune_prefix)
 from . import diagnostics, presets  # noqa: F401

@@ -28,7 +28,10 @@ Introduced in: notebooks/02-bits/ (weight-only chapter, issue 15)
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
+from torch import nn
 
 from ..obs import inverse_hessian_factor, obs_sweep
 from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
@@ -118,4 +121,113 @@ def gptq_quantize(weights: list[torch.Tensor], H: torch.Tensor, spec: QuantSpec,
     return [W[a:b].to(w.dtype) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
 
 
-__all__ = ["rtn_quantize", "gptq_quantize"]
+# --------------------------------------------------------------------------------------------------------------
+# Whole models: the shared sequential loop (GPTQ's ``llama_sequential``)
+# --------------------------------------------------------------------------------------------------------------
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """What to quantize and how (one cell of GPTQ Tables 2-4).
+
+    Attributes:
+        method: ``rtn`` | ``gptq``.
+        grid: the weight :class:`QuantSpec` (bits, symmetric, ``channel`` / ``group`` + ``group_size``).
+        act_order, blocksize, percdamp: GPTQ's options (ignored by RTN).
+        batch: sequences per no-grad forward (memory knob).
+    """
+
+    method: str = "gptq"
+    grid: QuantSpec = QuantSpec(bits=4, symmetric=False, granularity="channel")
+    act_order: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+    batch: int = 8
+
+    def check(self) -> "WeightQuantSpec":
+        if self.method not in WEIGHT_METHODS:
+            raise QuantError(f"unknown weight-quantization method {self.method!r}; use one of {WEIGHT_METHODS}")
+        _check_weight_spec(self.grid)
+        for name in ("blocksize", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QuantError(f"WeightQuantSpec.{name} must be a positive integer, got {v!r}")
+        if not 0 < self.percdamp < 1:
+            raise QuantError(f"WeightQuantSpec.percdamp must be in (0, 1), got {self.percdamp!r} (GPTQ uses 0.01)")
+        return self
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "grid": self.grid.to_dict()}
+
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight: the code plus the per-row/group scale and zero point (16 bits each)."""
+        g = self.grid
+        extra = (16 + (0 if g.symmetric else 16)) / g.group_size if g.granularity == "group" else 0.0
+        return g.bits + extra
+
+
+def decoder_weight_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of a decoder block, names relative to the block (GPTQ quantizes all of them)."""
+    out = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    if not out:
+        raise QuantError(f"no linear layers in {type(block).__name__}")
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: WeightQuantSpec, *,
+                   heldout_ids: torch.Tensor | None = None, verbose: bool = True) -> dict:
+    """Quantize every decoder linear in place, block by block (GPTQ's sequential procedure).
+
+    GPTQ's statistics come from the *quantized* stream (the inputs of block ``i`` are the outputs of the
+    already-quantized blocks), through :func:`shrink.blockwise.sequential`; RTN needs no calibration data
+    (``calib_ids`` may be None, then no errors are logged).
+
+    Args:
+        model: a causal LM supported by :class:`shrink.models.BlockRunner` (modified in place).
+        calib_ids: int64 ``[N, T]`` calibration windows (required for GPTQ).
+        spec: :class:`WeightQuantSpec`.
+        heldout_ids: int64 ``[Nh, Th]`` for held-out block errors (optional).
+    Returns:
+        ``{"spec", "blocks" (per-block App. A errors), "final", "times", "bits_per_weight"}``.
+    """
+    from ..blockwise import sequential
+    from ..models import BlockRunner
+
+    spec.check()
+    runner = BlockRunner(model)
+    if calib_ids is None:
+        if spec.method == "gptq":
+            raise QuantError("GPTQ needs calibration windows: pass shrink.data.calibration_set(tok, ...)")
+        for block in runner.blocks:
+            for lin in decoder_weight_linears(block).values():
+                lin.weight.copy_(rtn_quantize(lin.weight, spec.grid))
+        return {"spec": spec.to_dict(), "blocks": [], "final": None, "times": {},
+                "bits_per_weight": spec.bits_per_weight()}
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long \
+            or calib_ids.shape[0] == 0:
+        raise QuantError("calib_ids must be a non-empty int64 [N, T] tensor; build it with "
+                         "shrink.data.calibration_set(tok, nsamples=..., seqlen=...)")
+
+    def compress(_b, _block, lin, sc):
+        if spec.method == "rtn":
+            for m in lin.values():
+                m.weight.copy_(rtn_quantize(m.weight, spec.grid))
+            return
+        for group in sc.groups:  # one solve per shared Hessian (q/k/v, gate/up)
+            group = [n for n in group if n in lin]
+            res = gptq_quantize([lin[n].weight for n in group], sc.stats[group[0]].hessian(), spec.grid,
+                                blocksize=spec.blocksize, percdamp=spec.percdamp, act_order=spec.act_order)
+            for n, w in zip(group, res):
+                lin[n].weight.copy_(w)
+
+    seq = sequential(runner, calib_ids, calib_ids.shape[0], linears=decoder_weight_linears, compress=compress,
+                     needs_stats=spec.method == "gptq", hessian=True, batch=spec.batch, heldout_ids=heldout_ids,
+                     verbose=verbose)
+    return {"spec": spec.to_dict(), "blocks": seq.blocks, "final": seq.blocks[-1],
+            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": spec.bits_per_weight()}
+
+
+__all__ = ["rtn_quantize", "gptq_quantize", "WeightQuantSpec", "quantize_model", "decoder_weight_linears",
+           "WEIGHT_METHODS"]
