@@ -170,3 +170,49 @@ def test_results_page_lists_machine_and_records_of_other_code(tmp_path, monkeypa
     assert re.search(r"\| dense-ppl \| `\w{16}` \| n=8, ppl=19.13 \| [^|]*torch [^|]+ \| current \|", page), page
     assert "other: deadbeef0000" in page
     assert "/work/" not in page and str(tmp_path) not in page
+
+
+def test_stage_notebook_hides_injected_parameters_and_machine_paths(tmp_path, monkeypatch):
+    import nbformat
+
+    from shrink import env
+
+    data = tmp_path / "somewhere" / "data"
+    monkeypatch.setenv("SHRINK_DATA", str(data))
+    root = str(env.repo_root())
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('scale = "cpu"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell('# Parameters\nscale = "tiny"', metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("print(1)", outputs=[nbformat.v4.new_output(
+                    "stream", name="stderr", text=f"{root}/.venv/lib/x.py:3: Warning\nreading {data}/MANIFEST.md\n")])]
+    nb.metadata["papermill"] = {"input_path": f"{root}/notebooks/x.md", "output_path": f"{root}/build/x.ipynb"}
+    src = tmp_path / "exec" / "00-start" / "x.ipynb"
+    src.parent.mkdir(parents=True)
+    nbformat.write(nb, src)
+    (src.parent / "y.failed.ipynb").write_text("{}")
+    (src.parent / ".x.ipynb.partial").write_text("{}")
+    staged = report.stage_notebooks(tmp_path / "exec", tmp_path / "book" / "notebooks")
+    assert [p.relative_to(tmp_path / "book").as_posix() for p in staged] == ["notebooks/00-start/x.ipynb"]
+    out = nbformat.read(staged[0], as_version=4)
+    assert out.cells[0].metadata.tags == ["parameters"]
+    assert out.cells[1].metadata.tags == ["injected-parameters", "remove-cell"]
+    text = staged[0].read_text()
+    assert root not in text and str(data) not in text
+    assert "<repo>/.venv/lib/x.py" in text and "$SHRINK_DATA/MANIFEST.md" in text
+    assert out.metadata.papermill.input_path == "<repo>/notebooks/x.md"
+    with pytest.raises(ShrinkError, match="execute the notebooks first"):
+        report.stage_notebooks(tmp_path / "nope", tmp_path / "book")
+
+
+def test_book_serves_its_own_mathjax():
+    import yaml
+
+    from shrink import env
+
+    root = env.repo_root()
+    cfg = yaml.safe_load((root / "book" / "_config.yml").read_text())
+    sphinx = cfg["sphinx"]["config"]
+    assert "://" not in sphinx["mathjax_path"] and sphinx["mathjax_path"].endswith("tex-mml-chtml.js")
+    assert sphinx["html_extra_path"] == ["_mathjax"]
+    make = (root / "Makefile").read_text()
+    assert "mathjax@$(MATHJAX_VERSION)" in make and "build/book/_mathjax/mathjax/" in make
