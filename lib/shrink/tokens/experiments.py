@@ -207,7 +207,13 @@ class DecoderBench:
     def base_nll(self) -> list[float]:
         if self._base is None:
             c = self.cfg.context
-            self._base = [float(D.continuation_nll(D.prefill(self.model, x).logits, x, c)[0]) for x in self.wins]
+            m = self.cfg.continuation
+            n_layers = len(D.blocks(self.model))
+            self._base = []
+            for x in self.wins:   # the LM head only on the rows that predict the continuation
+                pos = torch.arange(x.shape[1])[None]
+                h = D.run_blocks(self.model, self.model.model.embed_tokens(x), pos, 0, n_layers)
+                self._base.append(float(D.continuation_nll(D.head(self.model, h[:, -m - 1:]), x, c)[0]))
         return self._base
 
     def config(self, method, keep, seed, prune_at, opts) -> dict:
@@ -219,6 +225,8 @@ class DecoderBench:
     def run(self, method: str, keep: float, *, seed: int = 0, prune_at: int | None = None, **opts) -> dict:
         """Per-window continuation NLL increase over the unpruned prefill (``delta``), its mean/SE."""
         prune_at = self.cfg.prune_at if prune_at is None else prune_at
+        if not 1 <= prune_at < len(D.blocks(self.model)):
+            raise D.TokenInputError(f"prune_at={prune_at} must lie in [1, {len(D.blocks(self.model)) - 1}]")
         seed_used = seed if method == "random" else 0
         c = self.cfg.context
 
@@ -232,7 +240,8 @@ class DecoderBench:
                 h_prev, h = self.states(i, prune_at)
                 idx = D.keep_indices(self.model, prune_at, h_prev, h, c, method, keep, generator=g, **opts)
                 hk = D.run_blocks(self.model, D.sel.gather(h, idx), idx, prune_at, n_layers)
-                nll = float(D.continuation_nll(D.head(self.model, hk), x, c)[0])
+                m = self.cfg.continuation
+                nll = float(D.continuation_nll(D.head(self.model, hk[:, -m - 1:]), x, c)[0])
                 deltas.append(nll - base[i])
             m, se = mean_se(deltas)
             return {"delta": deltas, "delta_mean": m, "delta_se": se, "base_nll_mean": statistics.fmean(base)}
