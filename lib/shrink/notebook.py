@@ -72,7 +72,8 @@ def setup(seed: int = 0, scale: str = "tiny", quiet: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The one "is this executed notebook finished?" check (shrink run, make book and the contract test)
 # --------------------------------------------------------------------------------------------------
-SANITY_HEADING = re.compile(r"^#{1,3}\s+sanity", re.I | re.M)
+#: a heading that opens the sanity-check cells: "## Sanity checks" (the skeleton), or one saying "(asserted)"
+SANITY_HEADING = re.compile(r"^#{1,3}\s+(sanity|.*\(asserted\))", re.I | re.M)
 
 
 def _heading_level(cell: dict) -> int | None:
@@ -83,7 +84,8 @@ def _heading_level(cell: dict) -> int | None:
 
 def sanity_cells(cells: list[dict]) -> list[int]:
     """Indices of the sanity-check code cells: those tagged ``sanity`` and those under a markdown heading
-    ``## Sanity checks`` (until the next heading of the same or a higher level)."""
+    ``## Sanity checks`` (or a heading ending in ``(asserted)``), until the next heading of the same or a
+    higher level."""
     out, level = [], None
     for i, c in enumerate(cells):
         if c["cell_type"] == "markdown":
