@@ -286,3 +286,13 @@ def test_flops_model_agrees_with_flop_counter(name, one_thread):
 def test_fastv_convention_on_a_known_case():
     cfg = type("C", (), dict(hidden_size=4, intermediate_size=8))()
     assert F.fastv_convention(cfg, [2, 1]) == (4 * 2 * 16 + 2 * 4 * 4 + 2 * 2 * 4 * 8) + (4 * 16 + 2 * 4 + 2 * 4 * 8)
+
+
+@pytest.mark.parametrize("method", ["cls", "zero_tprune", "tome", "random"])
+def test_encoder_start_states_give_identical_results(method, one_thread):
+    model, _ = M.load("tiny-bert")
+    ids = _ids(30)
+    a = E.encode(model, ids, method=method, keep=0.5, prune_at=(1,), generator=torch.Generator().manual_seed(0))
+    b = E.encode(model, ids, method=method, keep=0.5, prune_at=(1,), generator=torch.Generator().manual_seed(0),
+                 start=E.states(model, ids, 1))
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.kept, b.kept) and a.tokens_per_layer == b.tokens_per_layer

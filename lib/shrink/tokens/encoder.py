@@ -63,7 +63,8 @@ def encode(model: nn.Module, input_ids: torch.Tensor, *, method: str = "none", k
            prune_at: tuple[int, ...] = (2,), protected: tuple[int, ...] = (0, -1),
            generator: torch.Generator | None = None, iterations: int = 30, heads: str = "eir",
            vhf: tuple[float, float] | None = None, s_share: float = 0.5, s_features: str = "key",
-           partition: str = "seq", proportional: bool = True) -> EncoderOut:
+           partition: str = "seq", proportional: bool = True,
+           start: tuple[torch.Tensor, torch.Tensor] | None = None) -> EncoderOut:
     """Pruned (or merged) encoder forward of ``input_ids [B, N]`` (int64, no padding).
 
     Args:
@@ -74,6 +75,8 @@ def encode(model: nn.Module, input_ids: torch.Tensor, *, method: str = "none", k
         generator: seeded generator (``random``).
         iterations, heads, vhf: WPR options; s_share, s_features (``key|query|value|hidden``), partition:
             Zero-TPrune S-stage options; proportional: ToMe's ``log size`` attention bias.
+        start: ``(input of block p-1, input of block p)`` for ``p = min(prune_at)``, from :func:`states`:
+            skips the unpruned blocks (benches reuse them across methods; the result is identical).
     """
     if not is_encoder(model):
         raise TokenInputError("encode() runs BERT encoders (minilm, tiny-bert); for decoders use "
@@ -90,14 +93,17 @@ def encode(model: nn.Module, input_ids: torch.Tensor, *, method: str = "none", k
                                   "whose predecessor's attention gives the scores)")
     sel.kept_count(keep, 2)  # validates the ratio early
     b, n = input_ids.shape
-    h = model.embeddings(input_ids=input_ids)
+    first = 0 if start is None else min(prune_at)
+    h = model.embeddings(input_ids=input_ids) if start is None else start[1]
     sizes = torch.ones(b, n, dtype=torch.float32, device=h.device)
     kept = torch.arange(n, device=h.device)[None].expand(b, n).clone()
     prot_orig = sel.protected_mask(protected, b, n, h.device)
     merged = False
-    h_prev, bias_prev = None, None
-    per_layer = []
+    h_prev, bias_prev = (None, None) if start is None else (start[0], None)
+    per_layer = [n] * first
     for i, layer in enumerate(layers):
+        if i < first:
+            continue
         if i in prune_at and method != "none" and keep < 1.0:
             prot = torch.gather(prot_orig, 1, kept)
             cur = h.shape[1]
@@ -144,6 +150,18 @@ def encode(model: nn.Module, input_ids: torch.Tensor, *, method: str = "none", k
     w = sizes / sizes.sum(-1, keepdim=True)
     emb = torch.einsum("bn,bnd->bd", w, h.float())
     return EncoderOut(h, sizes, kept, emb, per_layer)
+
+
+@torch.no_grad()
+def states(model: nn.Module, input_ids: torch.Tensor, prune_at: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of blocks ``prune_at - 1`` and ``prune_at`` of the unpruned forward (for ``encode(start=...)``)."""
+    layers = blocks(model)
+    if not 1 <= prune_at < len(layers):
+        raise TokenInputError(f"prune_at={prune_at} must lie in [1, {len(layers) - 1}]")
+    h = model.embeddings(input_ids=input_ids)
+    for layer in layers[: prune_at - 1]:
+        h = _run_layer(layer, h, None)
+    return h, _run_layer(layers[prune_at - 1], h, None)
 
 
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

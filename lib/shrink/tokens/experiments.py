@@ -133,6 +133,13 @@ class EncoderBench:
                             max_tokens=cfg.max_tokens, seed=cfg.data_seed)
         self.lengths = [int(x.shape[1]) for x in self.ids]
         self.ref = torch.cat([E.encode(self.model, x).embedding for x in self.ids])
+        self._states: dict = {}
+
+    def states(self, i: int, prune_at: int):
+        """Cached unpruned inputs of blocks ``prune_at - 1`` and ``prune_at`` for passage ``i``."""
+        if (i, prune_at) not in self._states:
+            self._states[(i, prune_at)] = E.states(self.model, self.ids[i], prune_at)
+        return self._states[(i, prune_at)]
 
     def config(self, method: str, keep: float, seed: int, prune_at: int, opts: dict) -> dict:
         c = self.cfg
@@ -154,8 +161,9 @@ class EncoderBench:
         def fn():
             g = torch.Generator().manual_seed(seed_used)
             embs, ratios, ratios_b = [], [], []
-            for x in self.ids:
-                out = E.encode(self.model, x, method=method, keep=keep, prune_at=(prune_at,), generator=g, **opts)
+            for i, x in enumerate(self.ids):
+                out = E.encode(self.model, x, method=method, keep=keep, prune_at=(prune_at,), generator=g,
+                               start=self.states(i, prune_at), **opts)
                 embs.append(out.embedding)
                 n = x.shape[1]
                 full = F.model_flops(self.model, [n] * len(out.tokens_per_layer))["total"]
