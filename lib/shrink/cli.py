@@ -139,9 +139,9 @@ def cmd_run(args) -> dict:
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend captures figures; Agg would drop them
     nbs = [Path(n) for n in args.notebooks]
     for nb in nbs:  # check every argument before running anything
-        if nb.suffix != ".md" or not nb.is_file():
-            raise BadInputError(f"{nb} is not a MyST notebook (.md file) under notebooks/; list them with "
-                                "`ls notebooks/*/*.md`.")
+        if nb.suffix != ".md" or not nb.is_file() or nb.resolve().parent.parent.name != "notebooks":
+            raise BadInputError(f"{nb} is not a MyST notebook: give notebooks/<chapter>/<name>.md files that exist "
+                                "(list them with `ls notebooks/*/*.md`).")
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     summary = []
     try:

@@ -182,8 +182,12 @@ def load(name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
     spec = MODELS.get(name)
     if spec is None:
         if "/" not in name:
-            raise UnknownNameError(f"unknown model {name!r}. Registry names: {', '.join(MODELS)}; "
-                                   "or a Hugging Face id such as facebook/opt-125m (needs SHRINK_ONLINE=1).")
+            import difflib
+
+            close = difflib.get_close_matches(name, list(MODELS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownNameError(f"unknown model {name!r}{hint}. Registry names: {', '.join(MODELS)}; use one "
+                                   "of them or a Hugging Face id such as facebook/opt-125m (needs SHRINK_ONLINE=1).")
         model, tok = _load_hub(name, dtype)
         info["source"] = "hub"
     elif spec.kind == "gguf-package":

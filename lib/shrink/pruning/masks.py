@@ -68,7 +68,7 @@ def parse_pattern(pattern: str, sparsity: float = 0.5) -> Pattern:
         raise PruningError(f"unknown sparsity pattern {pattern!r}; use 'unstructured', '2:4' or '4:8' (N:M).")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
-        raise PruningError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+        raise PruningError(f"N:M pattern needs 0 < N < M, got {pattern!r}; use e.g. '2:4' or '4:8'.")
     return Pattern(n / m, n, m)
 
 
