@@ -9,7 +9,7 @@ Three things every notebook uses (the shared API of issue 9):
   ``lib/shrink/paper_numbers/<chapter>.yaml`` (entries ``id: {value, ref, model, note}``); the "paper vs
   ours" section of a notebook is *generated* from those ids and from measured values, never hand-typed.
 * :func:`glue` — a measured number quoted in prose: ``report.glue("tour_ppl", dense["ppl"], ".2f")`` in a
-  code cell, ``{glue:text}`tour_ppl``` in the markdown. MyST-NB reads the glued value from the executed
+  code cell (it returns ``None``: nothing is displayed), ``{glue:text}`tour_ppl``` in the markdown. MyST-NB reads the glued value from the executed
   notebook's outputs, so it renders with ``execute_notebooks: "off"`` (papermill executes, the book only
   renders).
 
@@ -366,45 +366,52 @@ class _Text:
         return self.text
 
 
-def glue(name: str, value: Any, fmt: str | None = None) -> str:
+def glue_text(value: Any, fmt: str | None = None) -> str:
+    """The text :func:`glue` stores for ``value``: ``format(value, fmt)``; without ``fmt``, :func:`fmt_number`
+    (4 significant digits) for numbers and ``Spread.fmt`` with decimals from the spread for a Spread (for
+    a Spread, ``fmt`` is the number of decimals, e.g. ``"1"``)."""
+    if _is_spread(value):
+        return value.fmt(int(fmt)) if fmt else fmt_spread(value)
+    if isinstance(value, str):
+        return value if not fmt else format(value, fmt)
+    if fmt:
+        try:
+            return format(value, fmt)
+        except (ValueError, TypeError) as exc:
+            raise ReportError(f"format spec {fmt!r} does not apply to {value!r} ({exc}); use a spec like '.2f', "
+                              "'.1%' or ',d'.") from exc
+    return fmt_number(value)
+
+
+def glue(name: str, value: Any, fmt: str | None = None) -> None:
     """Store a measured value for the prose: ``{glue:text}`name``` in the markdown shows it.
 
     Args:
         name: the glue key (unique in the notebook; letters, digits, ``_`` and ``-``).
         value: a number, a :class:`shrink.eval.Spread` or a string.
-        fmt: a format spec (``".2f"``, ``".1%"``, ``",d"``); default :func:`fmt_number` (4 significant
-            digits) for numbers, ``Spread.fmt`` with decimals from the spread for Spreads. For a Spread
-            ``fmt`` is the number of decimals (``"1"``).
+        fmt: a format spec (``".2f"``, ``".1%"``, ``",d"``); see :func:`glue_text` for the default.
 
-    Returns:
-        the text that the book shows (so the notebook can print or assert on it).
+    Returns ``None`` on purpose: a glue call as the last line of a cell shows nothing (nbval does not honour
+    a trailing ``;``). ``glue_text(value, fmt)`` gives the same text for printing or asserting.
 
     Wraps ``myst_nb.glue(name, ..., display=False)``: the value is kept in the cell's outputs
-    (``application/papermill.record/text/plain``) and MyST-NB pastes it when rendering the book.
+    (``application/papermill.record/text/plain``) and MyST-NB pastes it when rendering the book, also with
+    ``execute_notebooks: "off"`` (the book renders papermill's executed notebooks).
     """
     import re
 
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ReportError(f"glue name {name!r}: use letters, digits, '_' and '-' only (it is referenced as "
                           "{glue:text}`name` in markdown).")
-    if _is_spread(value):
-        text = value.fmt(int(fmt)) if fmt else fmt_spread(value)
-    elif isinstance(value, str):
-        text = value if not fmt else format(value, fmt)
-    elif fmt:
-        try:
-            text = format(value, fmt)
-        except (ValueError, TypeError) as exc:
-            raise ReportError(f"glue({name!r}): format spec {fmt!r} does not apply to {value!r} ({exc}); use a "
-                              "spec like '.2f', '.1%' or ',d'.") from exc
-    else:
-        text = fmt_number(value)
+    try:
+        text = glue_text(value, fmt)
+    except ReportError as exc:
+        raise ReportError(f"glue({name!r}): {exc}") from None
     try:
         from myst_nb import glue as nb_glue
     except ImportError as exc:  # pragma: no cover - myst-nb ships with the book extra
         raise ReportError("shrink.report.glue needs myst-nb: pip install -e '.[book]'.") from exc
     nb_glue(name, _Text(text), display=False)
-    return text
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -147,15 +147,17 @@ def test_glue_stores_the_formatted_text(monkeypatch):
     import myst_nb
 
     monkeypatch.setattr(myst_nb, "glue", fake_glue)
-    assert report.glue("ppl", 19.13382, ".2f") == "19.13"
+    assert report.glue("ppl", 19.13382, ".2f") is None  # nothing displayed, even as a cell's last line
     assert seen["ppl"] == ("19.13", False)  # no quotes: {glue:text} pastes text/plain as it is
-    assert report.glue("frac", 0.1234, ".1%") == "12.3%"
-    assert report.glue("dflt", 19.13382) == "19.13"
-    assert report.glue("sp", Spread([34.4, 34.0, 34.8])) == "34.4 ± 0.4 [34.0, 34.8], n=3 seeds"
-    assert report.glue("sp2", Spread([34.4, 34.0, 34.8]), "2").startswith("34.40 ± 0.40")
+    for name, value, fmt, text in [("frac", 0.1234, ".1%", "12.3%"), ("dflt", 19.13382, None, "19.13"),
+                                   ("sp", Spread([34.4, 34.0, 34.8]), None, "34.4 ± 0.4 [34.0, 34.8], n=3 seeds"),
+                                   ("sp2", Spread([34.4, 34.0, 34.8]), "2", "34.40 ± 0.40 [34.00, 34.80], n=3 seeds"),
+                                   ("s", "none", None, "none")]:
+        report.glue(name, value, fmt)
+        assert seen[name][0] == text == report.glue_text(value, fmt), name
     with pytest.raises(ShrinkError, match="letters, digits"):
         report.glue("bad name", 1.0)
-    with pytest.raises(ShrinkError, match="format spec"):
+    with pytest.raises(ShrinkError, match=r"glue\('x'\): format spec"):
         report.glue("x", 1.0, "d")
 
 
