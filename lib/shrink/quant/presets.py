@@ -164,3 +164,22 @@ register("bits", {
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
 })
+
+
+# ---- weight-only quantization (notebook 02g, issue 15) ---------------------------------------------------------
+def _weight_only_presets() -> None:
+    from .weightonly import WeightOnlyPreset
+
+    register("weight-only", {
+        "tiny": WeightOnlyPreset(model="tiny-llama", seqlen=64, windows=4, ood_corpus="pydocs", calib_nsamples=4,
+                                 calib_seqlen=64, bits=(4, 3), grids=("channel", "g32"), calib_seeds=(0, 1),
+                                 seeded_cells=((3, "channel"),)),
+        "cpu": WeightOnlyPreset(model="smollm2-135m"),
+        "paper": WeightOnlyPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, ood_corpus="c4",
+                                  ood_split="validation", calib_corpus="c4", calib_split="train", calib_nsamples=128,
+                                  calib_seqlen=2048, bits=(4, 3), grids=("channel", "g128"),
+                                  seeded_cells=((3, "channel"), (4, "channel"), (3, "g128"))),
+    })
+
+
+_weight_only_presets()

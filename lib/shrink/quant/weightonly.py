@@ -1,0 +1,149 @@
+"""Weight-only quantization experiments of the bits chapter (notebook 02g): one cached perplexity per cell.
+
+A cell is (method, bits, grid, calibration seed): the model is copied, quantized with
+:func:`shrink.quant.quantize_model` (RTN or GPTQ on the shared block loop) and scored with the handbook's one
+perplexity function on the preset's evaluation windows (and the second held-out corpus). RTN uses no
+calibration data, so its cells do not depend on the seed (one record per grid); GPTQ's spread over calibration
+draws (``calib_seeds``) is its noise.
+
+Introduced in: notebooks/02-bits/02g-weight-only-gptq.md
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .. import data, eval as ev, results
+from ..eval import Spread
+from ..models import load
+from ..scales import Preset, PresetError
+from .gptq import WeightQuantSpec, quantize_model
+from .quantizer import QuantSpec
+
+CHAPTER = "02-bits"
+
+
+@dataclass(frozen=True)
+class WeightOnlyPreset(Preset):
+    """Knobs of notebook 02g. ``grids`` are names: ``channel`` (one scale per output row) or ``gN`` (groups of
+    ``N`` input columns); asymmetric min/max grids as GPTQ's default."""
+
+    eval_corpus: str = "wikitext2"
+    eval_split: str = "test"
+    seqlen: int = 512
+    windows: int | None = 4
+    ood_corpus: str = "pydocs"
+    ood_split: str = "all"
+    calib_corpus: str = "wikitext2"
+    calib_split: str = "validation"
+    calib_nsamples: int = 16
+    calib_seqlen: int = 512
+    bits: tuple = (8, 4, 3, 2)
+    grids: tuple = ("channel", "g64", "g32")
+    calib_seeds: tuple = (0, 1, 2)
+    #: cells measured on every calibration seed (the rest on the first seed only, and the table says so)
+    seeded_cells: tuple = ((3, "channel"), (4, "channel"))
+    act_order: bool = False
+
+    def check(self) -> None:
+        for g in self.grids:
+            grid_spec(g, 4)  # raises PresetError on a bad name
+        if not self.calib_seeds:
+            raise PresetError("calib_seeds needs at least one seed, e.g. (0, 1, 2)")
+        for b, g in self.seeded_cells:
+            if b not in self.bits or g not in self.grids:
+                raise PresetError(f"seeded cell ({b}, {g!r}) is not in bits={self.bits} x grids={self.grids}")
+
+
+def grid_spec(name: str, bits: int) -> QuantSpec:
+    """``"channel"`` -> per-output-row grid; ``"g32"`` -> groups of 32 input columns (asymmetric, GPTQ default)."""
+    if name == "channel":
+        return QuantSpec(bits=bits, symmetric=False, granularity="channel")
+    if name.startswith("g") and name[1:].isdigit() and int(name[1:]) > 0:
+        return QuantSpec(bits=bits, symmetric=False, granularity="group", group_size=int(name[1:]))
+    raise PresetError(f"unknown weight grid {name!r}: use 'channel' or 'g<N>' (e.g. 'g32', 'g128')")
+
+
+class WeightOnlyContext:
+    """Model, tokenizer, evaluation streams and calibration sets of a :class:`WeightOnlyPreset` (lazy)."""
+
+    def __init__(self, cfg: WeightOnlyPreset, scale: str):
+        self.cfg, self.scale = cfg, scale
+        self._model = self._tok = None
+        self._streams: dict = {}
+
+    def _load(self):
+        if self._model is None:
+            self._model, self._tok = load(self.cfg.model, seed=self.cfg.seed)
+        return self._model, self._tok
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tok(self):
+        return self._load()[1]
+
+    def stream(self, corpus: str, split: str) -> torch.Tensor:
+        if (corpus, split) not in self._streams:
+            self._streams[corpus, split] = data.eval_tokens(self.tok, corpus, split)
+        return self._streams[corpus, split]
+
+    def calib(self, seed: int) -> torch.Tensor:
+        c = self.cfg
+        return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
+                                    seqlen=c.calib_seqlen, seed=seed)
+
+    def _ppl(self, model, corpus, split) -> float:
+        c = self.cfg
+        return ev.perplexity(model, self.stream(corpus, split), c.seqlen, max_windows=c.windows, dataset=corpus,
+                             split=split).ppl
+
+    def config(self, method: str | None, bits: int | None, grid: str | None, seed: int | None) -> dict:
+        c = self.cfg
+        return {"model": c.model, "eval": [c.eval_corpus, c.eval_split, c.seqlen, c.windows],
+                "ood": [c.ood_corpus, c.ood_split], "method": method, "bits": bits, "grid": grid,
+                "calib": ([c.calib_corpus, c.calib_split, c.calib_nsamples, c.calib_seqlen, seed]
+                          if method == "gptq" else None), "act_order": c.act_order if method == "gptq" else None}
+
+    def dense(self) -> dict:
+        """Full-precision perplexities (the control every cell is compared with)."""
+        def run():
+            return {"ppl": self._ppl(self.model, self.cfg.eval_corpus, self.cfg.eval_split),
+                    "ppl_ood": self._ppl(self.model, self.cfg.ood_corpus, self.cfg.ood_split)}
+        return results.cached("weightonly", self.config(None, None, None, None), run, scale=self.scale,
+                              chapter=CHAPTER)
+
+    def measure(self, method: str, bits: int, grid: str, seed: int = 0) -> dict:
+        """Cached cell: ``{"ppl", "ppl_ood", "err_calib", "bits_per_weight", "times"}`` (``err_calib``: App. A
+        error of the last block on the calibration windows; None for RTN)."""
+        spec = WeightQuantSpec(method=method, grid=grid_spec(grid, bits), act_order=self.cfg.act_order)
+        conf = self.config(method, bits, grid, seed)
+
+        def run():
+            m = copy.deepcopy(self.model)
+            res = quantize_model(m, self.calib(seed) if method == "gptq" else None, spec, verbose=False)
+            out = {"ppl": self._ppl(m, self.cfg.eval_corpus, self.cfg.eval_split),
+                   "ppl_ood": self._ppl(m, self.cfg.ood_corpus, self.cfg.ood_split),
+                   "err_calib": res["final"]["err_calib"] if res["final"] else None,
+                   "bits_per_weight": res["bits_per_weight"], "times": res["times"]}
+            del m
+            return out
+
+        return results.cached("weightonly", conf, run, scale=self.scale, chapter=CHAPTER)
+
+    def seeds_for(self, bits: int, grid: str) -> tuple:
+        return self.cfg.calib_seeds if (bits, grid) in self.cfg.seeded_cells else self.cfg.calib_seeds[:1]
+
+    def gptq_spread(self, bits: int, grid: str, metric: str = "ppl") -> Spread:
+        """GPTQ ``metric`` over the calibration draws of this cell (one value if the cell is not seeded)."""
+        seeds = self.seeds_for(bits, grid)
+        return Spread(tuple(self.measure("gptq", bits, grid, s)[metric] for s in seeds), kind="calibration draws",
+                      seeds=seeds)
+
+
+__all__ = ["WeightOnlyPreset", "WeightOnlyContext", "grid_spec", "CHAPTER"]
