@@ -206,12 +206,73 @@ def replica(st: Setup, name: str, spec: PruneSpec, seed: int, kernels: str, *, n
         args = [sys.executable, "-m", "shrink.pruning.experiment", "--experiment", _experiment_of(st),
                 "--scale", st.scale, "--name", name, "--seed", str(seed), "--kernels", kernels,
                 "--spec", json.dumps(spec.to_dict())] + (["--nsamples", str(nsamples)] if nsamples else [])
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise ShrinkError(f"the replica under {kernels} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-                              f"\nRerun `{' '.join(args[:3])} ...` by hand to see the whole log.")
+        # the child's log goes to a file, not a pipe: the child finishes (and writes its record) even if
+        # this process dies meanwhile
+        import tempfile
+
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            if proc.returncode != 0:
+                log.seek(0)
+                raise ShrinkError(f"the replica under {kernels} failed (exit {proc.returncode}):\n"
+                                  f"{log.read()[-3000:]}\nRerun `{' '.join(args[:3])} ...` by hand to see the whole log.")
     record = results.load(path)
     return {**record["metrics"], "_device": record.get("device"), "_kernels": kernels}
+
+
+def record_of(st: Setup, name: str, spec: PruneSpec, seed: int, *, nsamples: int | None = None,
+              kernels: str | None = None) -> dict | None:
+    """The whole stored record (config, metrics, device, kernels, ...) of a :func:`cached_measure` cell, or None."""
+    path = results.record_path(name, _measure_config(st, spec, seed, nsamples, None, True, kernels),
+                               scale=st.scale, chapter=CHAPTER)
+    return results.load(path) if path.exists() else None
+
+
+def kernels_of(record: dict | None) -> str:
+    """The kernel set that made ``record``, named as in :data:`KERNEL_SETS`: a replica's ``kernels`` config
+    field; else the record's ``kernels`` field (written by newer code: ATen capability, ISA variables, threads);
+    else, for the committed cpu records that predate that field, :data:`ORIGINAL_KERNELS` (their ``device``
+    says one thread; recomputing SparseGPT LR seed 0 on the AVX2 machine reproduced every digit)."""
+    if record is None:
+        return "no record"
+    if "kernels" in record.get("config", {}):
+        return record["config"]["kernels"]
+    k = record.get("kernels")
+    if isinstance(k, dict) and k.get("cpu_capability"):
+        isa = str(k["cpu_capability"]).lower()
+        if str(k.get("env", {}).get("MKL_CBWR", "")).upper().startswith("COMPATIBLE"):
+            isa = "mklcompat" if isa == "avx2" else f"{isa}-mklcompat"
+        return f"{isa}-{k.get('threads', '?')}t"
+    if record.get("scale") in ("cpu", "paper") and str(record.get("device", "")).startswith("cpu (1 threads"):
+        return ORIGINAL_KERNELS
+    return "unrecorded"
+
+
+def kernel_deviations(scale: str, name: str = "measure") -> list[dict]:
+    """Every replica record of the chapter at ``scale`` beside its original: one row per replica with
+    ``pruner, scheme, seed, kernels, original`` (the original's kernel set) and, for ``ppl``, ``ppl2``,
+    ``ppl_calib``, ``err_calib``, ``err_test`` (final block): ``<key>`` (original), ``<key>_rep`` and
+    ``<key>_dev = |replica / original - 1|``. Read-only: replicas are made by :func:`replica`."""
+    recs = results.records(scale, CHAPTER)
+    by_key = {r["key"]: r for r in recs}
+    rows = []
+    for r in recs:
+        c = r["config"]
+        if r["name"] != name or "kernels" not in c:
+            continue
+        o = by_key.get(results.config_key({k: v for k, v in c.items() if k != "kernels"}))
+        if o is None:
+            continue
+        row = {"pruner": c["spec"]["pruner"], "scheme": c["spec"]["scheme"], "seed": c["seed"],
+               "kernels": c["kernels"], "original": kernels_of(o)}
+        for key in ("ppl", "ppl2", "ppl_calib", "err_calib", "err_test"):
+            a = o["metrics"]["final"][key] if key.startswith("err") else o["metrics"].get(key)
+            b = r["metrics"]["final"][key] if key.startswith("err") else r["metrics"].get(key)
+            if a is None or b is None:
+                continue
+            row[key], row[key + "_rep"], row[key + "_dev"] = a, b, abs(b / a - 1)
+        rows.append(row)
+    return sorted(rows, key=lambda d: (d["kernels"], d["pruner"], d["scheme"], d["seed"]))
 
 
 def dense_reference(st: Setup) -> dict:
