@@ -211,7 +211,7 @@ class Explorer:
         ncols = min(len(panels), _MAX_COLS)
         nrows = math.ceil(len(panels) / ncols)
         n_slots = len(sel(x)) * (len(hue_order) if (hue_order := sel(hue) if hue else None) else 1)
-        width = max(3.6, 0.35 * n_slots) if curve is None else 3.6  # metric-only: room for every point
+        width = max(3.6, 0.35 * n_slots, 0.6 * len(sel(x))) if curve is None else 3.6  # metric-only: room for every point
         fig = Figure(figsize=(width * ncols, 3.1 * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         curves = self.selection_rows(self.curves[self.curves["curve"] == curve], selection) if curve else None
@@ -241,6 +241,10 @@ class Explorer:
                 ax.set(ylabel=metric, title=", ".join(f"{f}={v}" for f, v in zip(facets, key)) or metric)
                 if note:
                     ax.set_xlabel(f"{x}\n({note})", fontsize=8)
+                if sum(len(str(v)) for v in sel(x)) * 0.075 > width * 0.8:  # labels would overlap: slant them
+                    ax.tick_params(axis="x", labelrotation=30)
+                    for label in ax.get_xticklabels():
+                        label.set_horizontalalignment("right")
                 if hue and ax.get_legend() is not None:
                     ax.legend(title=hue, fontsize=7, title_fontsize=7, loc="best")
         for ax in axes[len(panels):]:

@@ -110,8 +110,14 @@ def spread_plot(data, *, x: str, y: str, hue: str | None = None, lo: str | None 
             if not len(sel):
                 continue
             pos = [i + offs[j] - shift] * len(sel)
-            if lo and hi:
-                ax.vlines(pos, sel[lo], sel[hi], color=colors[j], alpha=0.45, linewidth=2.5, zorder=2)
+            if lo and hi:  # capped bar, so a band narrower than the marker still shows
+                band = sel[sel[lo].notna() & sel[hi].notna()]
+                if len(band):
+                    ax.vlines([pos[0]] * len(band), band[lo], band[hi], color=colors[j], alpha=0.7, linewidth=1.2,
+                              zorder=2)
+                    for end in (lo, hi):
+                        ax.hlines(band[end], pos[0] - 0.04, pos[0] + 0.04, color=colors[j], alpha=0.7,
+                                  linewidth=1.2, zorder=2)
             ax.scatter(pos, sel[y], s=(markersize * 0.8) ** 2, color=colors[j], alpha=0.6, edgecolor="white",
                        linewidth=0.5, zorder=3)
     ax.set_xlim(-0.5, len(order_s) - 0.5)  # the scatter above re-autoscaled the categorical axis

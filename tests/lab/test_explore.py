@@ -80,7 +80,10 @@ def test_spread_plot_bars_are_min_max_and_own_bands_are_drawn():
     assert ys.min() == 1.0 and ys.max() == 4.0  # [min, max] of the values, not a standard error
     assert _mean_markers(ax) == {0.0: pytest.approx(7 / 3)}
     segs = np.concatenate([c.get_segments() for c in ax.collections if hasattr(c, "get_segments")])
-    assert sorted(map(tuple, segs[:, :, 1].tolist())) == [(0.0, 3.0), (1.0, 4.0), (3.0, 6.0)]
+    vertical = [tuple(sg[:, 1]) for sg in segs if sg[0, 0] == sg[1, 0]]
+    assert sorted(vertical) == [(0.0, 3.0), (1.0, 4.0), (3.0, 6.0)]
+    caps = sorted(sg[0, 1] for sg in segs if sg[0, 1] == sg[1, 1])
+    assert caps == [0.0, 1.0, 3.0, 3.0, 4.0, 6.0]
     # every category stays in view (the scatter must not re-autoscale the categorical axis)
     ax = plotting.spread_plot([{"x": c, "h": h, "y": 1.0} for c, h in (("a", "u"), ("a", "v"), ("b", "u"), ("c", "u"))],
                               x="x", y="y", hue="h")
