@@ -99,7 +99,9 @@ def zero_tprune_keep(importance: torch.Tensor, features: torch.Tensor, keep: flo
     less important ones, ``partition="seq"``: the lower half, or at least ``r_S``; ``"alt"``: every other
     token in importance order) and a *target* set (the rest, protected tokens included). Each source's
     redundancy is its maximum cosine similarity to any target (``features`` = keys by default in the
-    paper); the ``r_S`` most redundant sources are pruned.
+    paper); the ``r_S`` most redundant sources are pruned. When ``r_S`` reaches the size of the source
+    set (``s_share = 1``, or aggressive budgets such as keep 0.3 with ``s_share = 0.5``) every source is
+    pruned and the result equals the I-stage alone: the S-stage only acts when it has a choice.
 
     Args:
         importance: ``[B, N]`` I-stage scores (WPR).
