@@ -168,3 +168,22 @@ def test_quantize_model_bad_inputs(tiny):
         quantize_model(model, ids, WeightQuantSpec(method="awq"))
     with pytest.raises(QuantError, match="int64"):
         quantize_model(model, ids.float(), WeightQuantSpec())
+
+
+def test_weight_only_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir):
+    """The paper preset's code path (LLaMA-2-7B, C4 calibration, C4 + WikiText-2 evaluation) on a random-init
+    stand-in and a local C4-format file, shrunk to a few short windows."""
+    from conftest import c4_like_file
+    from shrink import scales
+    from shrink.quant.weightonly import WeightOnlyContext
+
+    monkeypatch.setenv("SHRINK_STANDINS", "1")
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SHRINK_C4_FILES", str(c4_like_file(tmp_path / "c4-train.00000-of-01024.json")))
+    cfg = scales.get("weight-only", "paper").with_(seqlen=64, windows=2, calib_nsamples=2, calib_seqlen=64)
+    ctx = WeightOnlyContext(cfg, "paper")
+    assert ctx.model.shrink_info["standin_for"] == "meta-llama/Llama-2-7b-hf"
+    rtn, gptq = ctx.measure("rtn", 3, "channel"), ctx.measure("gptq", 3, "channel", 0)  # the stand-in is 64 wide
+    assert rtn["ppl"] > 1 and gptq["ppl"] > 1 and gptq["err_calib"] > 0
+    assert rtn["bits_per_weight"] == 3
+    assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("weightonly-*.json"))) == 2
