@@ -40,7 +40,7 @@ REFS = re.compile(r"(?:Eq|Eqs|Table|Tables|Tab|Fig|Figure|Figs|Sec|Section|Appen
 TABLE_NUMBER = re.compile(r"(?<![\w.])(\d*\.\d+|\d+\s?%|\d{2,})")
 ARXIV = re.compile(r"\b\d{4}\.\d{4,5}(v\d+)?\b")  # arXiv ids are not numbers
 GLUE_REF = re.compile(r"\{glue(?::\w*)?\}`([^`<>]+?)(?::[^`]*)?`")
-GLUE_CALL = re.compile(r"""glue\(\s*(?:name\s*=\s*)?["']([^"']+)["']""")
+GLUE_CALL = re.compile(r"""glue\(\s*(?:name\s*=\s*)?(f?)["']([^"']+)["']""")
 
 
 def _allowed() -> dict:
@@ -210,11 +210,14 @@ def check_page(page: Path, allowed: dict, root: Path = ROOT) -> list[str]:
                 problems.append(f"{rel}:{start + k}: number {m.group(1)!r} in prose is not backed")
 
     # 3. glue references have glue calls
-    glued = {m.group(1) for c in code for m in GLUE_CALL.finditer(c)}
+    calls = [(m.group(1), m.group(2)) for c in code for m in GLUE_CALL.finditer(c)]
+    glued = {name for f, name in calls if not f}
+    # an f-string name (report.glue(f"mean_{arm}", ...)) backs every name that fits its pattern
+    patterns = [re.compile(re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(name)) + "$") for f, name in calls if f]
     for start, block in md:
         for m in GLUE_REF.finditer(block):
             name = m.group(1).strip()
-            if name not in glued:
+            if name not in glued and not any(p.match(name) for p in patterns):
                 problems.append(f"{rel}:{start}: {{glue}} reference {name!r} has no report.glue({name!r}, ...) "
                                 "call in a code cell of this notebook")
     return problems
@@ -229,12 +232,15 @@ jupytext: {}
 ---
 # Title
 
-Our perplexity is 19.13 and the drop is 26 % ({glue:text}`ok_ppl`, {glue:text}`missing_name`).
+Our perplexity is 19.13 and the drop is 26 % ({glue:text}`ok_ppl`, {glue:text}`missing_name`,
+{glue:text}`mean_a_ppl`, {glue:text}`mean_ppl`).
 Code `lr = 2e-4 * 0.5` and math $x = 0.25$ and [a link](file_1.5.md) are not prose; v0.1 and 3-bit are words.
 Paper: LLaMA-2-7B gets 5.47. Presets: keep 0.25 of the tokens (25 %), not 0.7.
 
 ```{code-cell} ipython3
 report.glue("ok_ppl", 1.0, ".2f")
+for arm in ("a", "b"):
+    report.glue(f"mean_{arm}_ppl", 1.0)
 x = 123.456
 cfg = scales.get("prose-test", scale)
 ```
@@ -275,6 +281,7 @@ def test_checker_flags_unbacked_numbers(tmp_path):
     assert "hand-written table row" in joined and "no code cell calls" in joined
     assert joined.count("hand-written table row") == 1  # the header row and the |---| rule have no digits
     assert "'missing_name' has no report.glue" in joined and "'ok_ppl' has no" not in joined
+    assert "'mean_a_ppl' has no" not in joined and "'mean_ppl' has no" in joined  # f-string glue names
     # the allow-list silences a listed constant (with its reason), nothing else
     allowed = {"notebooks/00-start/00x-fake.md": {"19.13": "expected value of an assert"}}
     again = "\n".join(check_page(page, allowed, root=tmp_path))
