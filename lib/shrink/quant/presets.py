@@ -114,7 +114,8 @@ class BitsPreset(Preset):
     # noise probes (issue 9): range perturbations 1 + eps*u (shrink.quant.perturb_ranges), calibration draws
     perturb_eps: float = 1e-6
     perturb_seeds: tuple = (0, 1, 2)
-    calib_seeds: tuple = (0, 1, 2)
+    calib_seeds: tuple = (0,)        # one seed: calibration-draw spread not measured (cpu budget); e.g. (0, 1, 2)
+    spread_low_bits: tuple = ()      # 02f: bit widths whose SmoothQuant-O1 rows are measured under perturbations
 
     def check(self) -> None:
         if not 0.0 < self.tau <= 1.0:
@@ -160,7 +161,7 @@ register("bits", {
                        probe_seqlen=64, probe_nsamples=2, search_nsamples=2, search_seqlen=24, shortlist_k=12,
                        max_len=3, search_batch_size=6, prerank_top=4, init_tokens=(256,), tune_steps=3,
                        tune_seqlen=32, tune_nsamples=4,
-                       tune_val_nsamples=2, tune_lr=1e-2, perturb_seeds=(0, 1), calib_seeds=(0, 1)),
+                       tune_val_nsamples=2, tune_lr=1e-2, perturb_seeds=(0, 1), calib_seeds=(0, 1), spread_low_bits=(4,)),
     "cpu": BitsPreset(model="smollm2-135m"),
     "paper": _PAPER,
 })
@@ -174,7 +175,9 @@ def _weight_only_presets() -> None:
         "tiny": WeightOnlyPreset(model="tiny-llama", seqlen=64, windows=4, ood_corpus="pydocs", calib_nsamples=4,
                                  calib_seqlen=64, bits=(4, 3), grids=("channel", "g32"), calib_seeds=(0, 1),
                                  seeded_cells=((3, "channel"),)),
-        "cpu": WeightOnlyPreset(model="smollm2-135m"),
+        # cpu: 3 bit widths x 2 grids; 3-bit per-channel (the finding) on three calibration draws, the rest on one
+        "cpu": WeightOnlyPreset(model="smollm2-135m", bits=(4, 3, 2), grids=("channel", "g64"),
+                                seeded_cells=((3, "channel"),)),
         "paper": WeightOnlyPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, ood_corpus="c4",
                                   ood_split="validation", calib_corpus="c4", calib_split="train", calib_nsamples=128,
                                   calib_seqlen=2048, bits=(4, 3), grids=("channel", "g128"),
