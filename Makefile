@@ -38,7 +38,8 @@ NB := $(patsubst ./%,%,$(NB))
 ifneq ($(filter-out $(ALL_NB),$(NB)),)
 $(error NB=$(filter-out $(ALL_NB),$(NB)) is not a notebook: give notebooks/<chapter>/<name>.md files that exist (`ls notebooks/*/*.md`))
 endif
-LIB := $(shell find lib -name '*.py' -o -name '*.mplstyle')
+# library code and package data (paper numbers feed the generated paper-vs-ours tables)
+LIB := $(shell find lib -name '*.py' -o -name '*.mplstyle' -o -name '*.yaml')
 # Notebooks whose tiny-scale outputs are deterministic and compared exactly by nbval.
 NBVAL_SUBSET ?= build/executed/tiny/00-start/00-tour.ipynb
 PYTEST_ARGS ?=
@@ -50,7 +51,7 @@ help:
 	@echo "make run    - set up, execute every notebook at SCALE=$(SCALE) (default cpu) and build the book"
 	@echo "make test   - set up and run the full test suite (what CI runs)"
 	@echo "make notebooks SCALE=tiny|cpu|paper [CHAPTER=01] [NB=notebooks/x/y.md]"
-	@echo "make book BOOK_SCALE=cpu   make test-slow   make clean"
+	@echo "make book BOOK_SCALE=cpu   make test-browser (headless Chromium over build/html)   make test-slow   make clean"
 	@echo "make lab    - JupyterLab on 127.0.0.1:$(LAB_PORT), the .md notebooks open as notebooks"
 
 $(STAMP): pyproject.toml Makefile
