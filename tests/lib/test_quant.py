@@ -272,14 +272,16 @@ def test_bits_context_noise_probes(one_thread, data_dir):
     ctx = BitsContext(cfg, "tiny")
     w, a = cfg.specs("static")
     base = ctx.ppl(w=w, a=a)["ppl"]
-    zero = ctx.ppl_spread(w=w, a=a, eps=0.0, seeds=(0, 1))
+    zero = ctx.ppl_spread(w=w, a=a, eps=0.0, seeds=(0, 1), with_record=False)
     assert zero.values == (base, base) and zero.kind == "range perturbation"
+    rec = ctx.ppl_spread(w=w, a=a, eps=0.0, seeds=(0, 1))                # + the unperturbed record as one more draw
+    assert rec.values == (base, base, base) and rec.seeds == ("record", 0, 1)
     assert ctx.calib_spread(w=w, a=a, seeds=(cfg.seed,)).values == (base,)
     other = ctx.calib_spread(w=w, a=a, seeds=(cfg.seed + 1,))
     wd, ad = cfg.specs("dynamic")
     dyn = ctx.ppl(w=wd, a=ad)["ppl"]
-    assert ctx.ppl_spread(w=wd, a=ad, eps=0.0, seeds=(0,)).values == (dyn,)
-    big = ctx.ppl_spread(w=w, a=a, eps=0.2, seeds=(0,))               # a large perturbation does move it
+    assert ctx.ppl_spread(w=wd, a=ad, eps=0.0, seeds=(0,), with_record=False).values == (dyn,)
+    big = ctx.ppl_spread(w=w, a=a, eps=0.2, seeds=(0,), with_record=False)   # a large perturbation does move it
     assert big.values[0] != base
     recs = [json.loads(p.read_text()) for p in (results.results_root() / "tiny" / "02-bits").glob("ppl-*.json")]
     confs = [r["config"] for r in recs]
