@@ -296,3 +296,23 @@ def test_encoder_start_states_give_identical_results(method, one_thread):
     b = E.encode(model, ids, method=method, keep=0.5, prune_at=(1,), generator=torch.Generator().manual_seed(0),
                  start=E.states(model, ids, 1))
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.kept, b.kept) and a.tokens_per_layer == b.tokens_per_layer
+
+
+def test_presets_and_paper_numbers_referenced_by_the_notebooks():
+    import re
+    from pathlib import Path
+
+    import shrink.report as R
+    import shrink.scales as SC
+
+    for exp in ("tokens-encoder", "tokens-decoder"):
+        for scale in SC.SCALES:
+            assert SC.get(exp, scale).model
+    assert SC.get("tokens-encoder", "cpu").n_sentences >= 150 and len(SC.get("tokens-encoder", "cpu").seeds) >= 3
+    assert SC.get("tokens-decoder", "cpu").windows >= 32
+    nums = R.paper("03-tokens")
+    root = Path(__file__).resolve().parents[2] / "notebooks" / "03-tokens"
+    used = set()
+    for nb in root.glob("*.md"):
+        used |= set(re.findall(r'"((?:zt|tome|evit|fastv)-[a-z0-9-]+)"', nb.read_text()))
+    assert used and used <= set(nums), used - set(nums)
