@@ -9,8 +9,8 @@ the network emulated offline, and checks per page:
 * every ``<img>`` loaded (``naturalWidth > 0``);
 * every link to a local file points to a file that exists (and a ``#fragment`` to an element that exists);
 * no console error, no uncaught exception, no failed resource load, no request outside ``file://``;
-* no table is clipped: a table wider than the article sits in a horizontally scrollable container that
-  itself fits in the article;
+* no table and no display equation is clipped: one wider than the article sits in a horizontally
+  scrollable container that itself fits in the article;
 * no absolute path of this machine (the checkout, ``$SHRINK_DATA``) in the page text.
 
 Screenshots of the first page of each chapter (and the intro) go to ``build/screenshots/`` (not committed).
@@ -148,7 +148,7 @@ _CHECK_JS = r"""
   const imgs = [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));
   const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
   const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
-  const tables = [...article.querySelectorAll('table')].map((t, k) => {
+  const wide = [...article.querySelectorAll('table, mjx-container[display="true"]')].map((t, k) => {
     let p = t.parentElement, scroller = null;
     while (p && p !== article.parentElement) {
       const ox = getComputedStyle(p).overflowX;
@@ -157,11 +157,12 @@ _CHECK_JS = r"""
     }
     const r = t.getBoundingClientRect();
     const box = scroller ? scroller.getBoundingClientRect() : r;
-    return {k, width: r.width, right: r.right, scroller: !!scroller, boxRight: box.right,
-            head: (t.innerText || '').slice(0, 60)};
+    return {k, kind: t.tagName.toLowerCase() === 'table' ? 'table' : 'display math', width: r.width,
+            right: r.right, scroller: !!scroller, boxRight: box.right,
+            head: (t.tagName.toLowerCase() === 'table' ? (t.innerText || '') : t.textContent).slice(0, 60)};
   });
   return {title: document.title, mathNodes: mathNodes.length, mjx: document.querySelectorAll('mjx-container').length,
-          untypeset, raw, imgs, links, ids, tables, articleRight: aRect.right, articleWidth: aRect.width,
+          untypeset, raw, imgs, links, ids, tables: wide, articleRight: aRect.right, articleWidth: aRect.width,
           bodyScroll: document.documentElement.scrollWidth, bodyClient: document.documentElement.clientWidth,
           text: document.body.innerText};
 })()
@@ -246,9 +247,9 @@ def page_problems(browser, path: Path) -> list[str]:
     for t in info["tables"]:
         if t["scroller"]:
             if t["boxRight"] > info["articleRight"] + 1:
-                problems.append(f"table {t['k']} ({t['head']!r}): its scroll container sticks out of the page")
+                problems.append(f"{t['kind']} {t['k']} ({t['head']!r}): its scroll container sticks out of the page")
         elif t["right"] > info["articleRight"] + 1:
-            problems.append(f"table {t['k']} ({t['head']!r}) is clipped: {t['width']:.0f}px wide, "
+            problems.append(f"{t['kind']} {t['k']} ({t['head']!r}) is clipped: {t['width']:.0f}px wide, "
                             f"article {info['articleWidth']:.0f}px, no scroll container")
     if info["bodyScroll"] > info["bodyClient"] + 1:
         problems.append(f"the page scrolls sideways ({info['bodyScroll']} > {info['bodyClient']} px)")
