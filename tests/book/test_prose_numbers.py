@@ -254,7 +254,8 @@ cfg = scales.get("prose-test", scale)
 '''
 
 
-def _register_test_preset():
+def _register_test_preset(monkeypatch):
+    """A preset "prose-test" (keep = 0.25) for this test only (removed from the registry afterwards)."""
     from dataclasses import dataclass
 
     from shrink import scales
@@ -263,12 +264,13 @@ def _register_test_preset():
     class ProseTestPreset(scales.Preset):
         keep: float = 0.25
 
-    if "prose-test" not in scales.experiments():
-        scales.register("prose-test", {s: ProseTestPreset(model="tiny-llama") for s in scales.SCALES})
+    scales.experiments()  # the chapters' presets are registered first
+    monkeypatch.setitem(scales._REGISTRY, "prose-test",
+                        {s: ProseTestPreset(model="tiny-llama").validate() for s in scales.SCALES})
 
 
-def test_checker_flags_unbacked_numbers(tmp_path):
-    _register_test_preset()
+def test_checker_flags_unbacked_numbers(tmp_path, monkeypatch):
+    _register_test_preset(monkeypatch)
     nb_dir = tmp_path / "notebooks" / "00-start"
     nb_dir.mkdir(parents=True)
     page = nb_dir / "00x-fake.md"
