@@ -630,9 +630,13 @@ def _git_results_state(root: Path) -> dict[str, str]:
     return {line[3:]: line[:2] for line in out.splitlines() if line.strip()}
 
 
-def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = None) -> dict:
+def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = None, clone: bool = True) -> dict:
     """Execute ``notebooks`` at ``scale`` with ``SHRINK_RESULTS_MODE=load`` and an empty temporary
     ``SHRINK_CACHE``, then compare ``git status results/`` before and after.
+
+    ``clone=True`` (default) runs in a fresh ``git clone`` of the checkout's HEAD (its ``lib/`` first on
+    ``PYTHONPATH``): it checks what is *committed*, and other processes writing records into the checkout
+    cannot be mistaken for new records. ``clone=False`` runs in the checkout itself.
 
     Returns ``{"ok", "seconds", "notebooks": [...shrink run summary...], "missing": {notebook: [records]},
     "new_or_changed": [...]}``; ``ok`` is true when every notebook ran and no record was added or changed.
@@ -645,23 +649,31 @@ def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = No
     root = env.repo_root()
     if root is None:
         raise EnvError("check_records needs the git checkout (an editable install of shrink).")
-    before = _git_results_state(root)
-    cache = Path(tempfile.mkdtemp(prefix="shrink-check-cache-"))
-    outdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="shrink-check-nb-"))
+    work = Path(tempfile.mkdtemp(prefix="shrink-check-"))
+    cache = work / "cache"
     t0 = time.perf_counter()
     try:
         run_env = {**os.environ, "SHRINK_RESULTS_MODE": "load", "SHRINK_CACHE": str(cache)}
-        run_env.pop("SHRINK_RECOMPUTE", None)
-        run_env.pop("SHRINK_RESULTS", None)
+        for var in ("SHRINK_RECOMPUTE", "SHRINK_RESULTS", "SHRINK_STALE"):
+            run_env.pop(var, None)
+        if clone:
+            subprocess.run(["git", "clone", "-q", str(root), str(work / "repo")], check=True)
+            root = work / "repo"
+            run_env["PYTHONPATH"] = os.pathsep.join([str(root / "lib"), *filter(None, [os.environ.get("PYTHONPATH")])])
+        outdir = Path(out).absolute() if out else work / "executed"
+        before = _git_results_state(root)
         proc = subprocess.run([sys.executable, "-m", "shrink.cli", "run", *notebooks, "--scale", scale, "--out",
                                str(outdir)], cwd=root, env=run_env, capture_output=True, text=True)
         try:
             summary = json.loads(proc.stdout[proc.stdout.index("{"):])
         except ValueError:
-            summary = {"notebooks": [], "error": (proc.stdout + proc.stderr)[-2000:]}
+            summary = {}
+        if not summary.get("notebooks"):  # shrink run itself failed: say how
+            summary = {"notebooks": [], "error": f"shrink run failed (exit {proc.returncode}): "
+                                                 f"{summary.get('message') or proc.stderr[-2000:]}"}
+        after = _git_results_state(root)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    after = _git_results_state(root)
+        shutil.rmtree(work, ignore_errors=True)
     changed = sorted(f"{st} {p}" for p, st in after.items() if before.get(p) != st)
     missing = {}
     for nb in summary.get("notebooks", []):
@@ -685,8 +697,9 @@ def main(argv=None) -> None:
     p.add_argument("notebooks", nargs="+")
     p.add_argument("--scale", default="cpu")
     p.add_argument("--out", default=None, help="folder for the executed notebooks (default: a temporary one)")
+    p.add_argument("--in-place", action="store_true", help="run in this checkout instead of a fresh clone of HEAD")
     a = p.parse_args(argv)
-    report = check_records(a.notebooks, a.scale, a.out)
+    report = check_records(a.notebooks, a.scale, a.out, clone=not a.in_place)
     print(json.dumps(report, indent=1))
     if not report["ok"]:
         print("check-records FAILED: " + ("; ".join(f"{nb}: {', '.join(r)}" for nb, r in report["missing"].items())
