@@ -149,8 +149,10 @@ test-slow: $(STAMP) check-data
 bench: $(STAMP) check-data
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
-# Zero new records: execute the notebooks at cpu with SHRINK_RESULTS_MODE=load (a missing record is an error,
-# nothing is computed) and an empty temporary SHRINK_CACHE; fail if results/ gains or changes a file.
+# Zero new records: execute the committed notebooks at cpu, in a fresh clone of HEAD, with
+# SHRINK_RESULTS_MODE=load (a missing record is an error, nothing is computed) and an empty temporary
+# SHRINK_CACHE; fail if results/ gains or changes a file. Its own target, not part of `make test`: it takes
+# ~40 min on 2 shared cores (SmolLM2 conversion + every notebook's uncached cells).
 check-records: $(STAMP) check-data
 	$(PY) -m shrink.results check $(NB) --scale cpu --out build/check-records
 

@@ -661,6 +661,8 @@ def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = No
             root = work / "repo"
             run_env["PYTHONPATH"] = os.pathsep.join([str(root / "lib"), *filter(None, [os.environ.get("PYTHONPATH")])])
         outdir = Path(out).absolute() if out else work / "executed"
+        uncommitted = [nb for nb in notebooks if not (root / nb).is_file()]  # clone: only committed notebooks
+        notebooks = [nb for nb in notebooks if nb not in uncommitted]
         before = _git_results_state(root)
         proc = subprocess.run([sys.executable, "-m", "shrink.cli", "run", *notebooks, "--scale", scale, "--out",
                                str(outdir)], cwd=root, env=run_env, capture_output=True, text=True)
@@ -683,7 +685,8 @@ def check_records(notebooks: list[str], scale: str = "cpu", out: str | None = No
     ok = proc.returncode == 0 and not changed and not missing
     return {"ok": ok, "seconds": round(time.perf_counter() - t0, 1), "scale": scale,
             "notebooks": [{k: v for k, v in nb.items() if k != "error"} for nb in summary.get("notebooks", [])],
-            "missing": missing, "new_or_changed": changed, **({"error": summary["error"]} if "error" in summary else {})}
+            "missing": missing, "new_or_changed": changed, "skipped_uncommitted": uncommitted,
+            **({"error": summary["error"]} if "error" in summary else {})}
 
 
 def main(argv=None) -> None:
