@@ -57,6 +57,7 @@ class DSIR:
         min_example_length: official default 100 WordPunct tokens (``0`` disables the filter).
         num_tokens_to_fit: ``"all"`` | ``"auto"`` | int (see the module docstring).
         virtual_shards: the official ``num_proc`` (only used when the fitting budget binds).
+        engine: tokenizer regex engine, ``"regex"`` (nltk >= 3.9.3) or ``"re"`` (older nltk).
     """
 
     mode: str = "exact"
@@ -65,13 +66,14 @@ class DSIR:
     min_example_length: int = 100
     num_tokens_to_fit: str | int = "all"
     virtual_shards: int = 1
+    engine: str = "regex"
     raw_probs: np.ndarray | None = field(default=None, repr=False)
     target_probs: np.ndarray | None = field(default=None, repr=False)
     log_diff: np.ndarray | None = field(default=None, repr=False)
     raw_features: Features | None = field(default=None, repr=False)
 
     def featurizer(self) -> Featurizer:
-        return Featurizer(self.mode, self.ngrams, self.num_buckets)
+        return Featurizer(self.mode, self.ngrams, self.num_buckets, engine=self.engine)
 
     def featurize(self, texts: Iterable[str] | Features) -> Features:
         return texts if isinstance(texts, Features) else self.featurizer()(texts)

@@ -101,7 +101,7 @@ def dsir_kl_run(cfg, *, with_wiki: bool, seed: int, scale: str) -> dict:
     the pool) the oracle = k random WikiText chunks. Cached as ``dsir-kl``."""
     config = {"pool": pool_config(cfg, with_wiki), "k": cfg.k, "seed": seed, "num_buckets": cfg.num_buckets,
               "ngrams": cfg.ngrams, "min_example_length": cfg.min_example_length, "kl_alpha": cfg.kl_alpha,
-              "metric_spaces": list(SPACES)}
+              "metric_spaces": list(SPACES), "engine": "regex"}
 
     def run() -> dict:
         st = setting(cfg, with_wiki)

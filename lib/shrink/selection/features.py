@@ -2,7 +2,8 @@
 
 The official ``data-selection`` 1.0.3 (``hashed_ngram_dsir.get_ngram_counts``) lower-cases a text, splits
 it with nltk's ``WordPunctTokenizer`` — exactly the regex ``\\w+|[^\\w\\s]+`` (Unicode, see
-:data:`TOKEN_PATTERN`) — and hashes every unigram and every bigram (the two words joined by one space)
+:data:`TOKEN_PATTERN`; compiled with the ``regex`` module by nltk >= 3.9.3, with ``re`` before, which
+matters for combining marks: :data:`ENGINES`) — and hashes every unigram and every bigram (the two words joined by one space)
 into ``num_buckets`` buckets with
 
 .. math::  b(s) = \\mathrm{int}(\\mathrm{sha256}(s)) \\bmod m,\\qquad m = 10^4 .
@@ -36,18 +37,42 @@ import numpy as np
 
 from .errors import SelectionError
 
-#: nltk ``WordPunctTokenizer._pattern`` (compiled with re.UNICODE | re.MULTILINE | re.DOTALL).
+#: nltk ``WordPunctTokenizer._pattern`` (flags re.UNICODE | re.MULTILINE | re.DOTALL).
 TOKEN_PATTERN = r"\w+|[^\w\s]+"
-_TOKEN = re.compile(TOKEN_PATTERN, re.UNICODE | re.MULTILINE | re.DOTALL)
+#: Regex engines: nltk >= 3.9.3 compiles tokenizer patterns with the third-party ``regex`` module
+#: (``nltk.redos``), older nltk with the stdlib ``re``. They differ on combining marks (U+0303 in "ɪ̃" is
+#: ``\w`` for ``regex``, not for ``re``), so the official package's features depend on the nltk version.
+ENGINES = ("regex", "re")
 MODES = ("exact", "fast")
+
+
+def _compile(engine: str):
+    if engine == "regex":
+        import regex
+
+        return regex.compile(TOKEN_PATTERN, regex.UNICODE | regex.MULTILINE | regex.DOTALL)
+    if engine == "re":
+        return re.compile(TOKEN_PATTERN, re.UNICODE | re.MULTILINE | re.DOTALL)
+    raise SelectionError(f"unknown regex engine {engine!r}: use 'regex' (nltk >= 3.9.3, the default) or 're' "
+                         "(older nltk).")
+
+
+def nltk_engine() -> str:
+    """The engine the installed nltk uses for ``WordPunctTokenizer`` (``"regex"`` or ``"re"``)."""
+    import importlib.util
+
+    return "regex" if importlib.util.find_spec("nltk.redos") is not None else "re"
+
+
+_TOKEN = _compile("regex")
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def tokenize(text: str) -> list[str]:
-    """``WordPunctTokenizer().tokenize(text.lower())`` without nltk."""
-    return _TOKEN.findall(text.lower())
+def tokenize(text: str, engine: str = "regex") -> list[str]:
+    """``WordPunctTokenizer().tokenize(text.lower())`` without nltk (``engine``: see :data:`ENGINES`)."""
+    return (_TOKEN if engine == "regex" else _compile(engine)).findall(text.lower())
 
 
 def sha256_bucket(s: str, num_buckets: int = 10000) -> int:
@@ -120,6 +145,7 @@ class Featurizer:
         ngrams: 1 (unigrams) or 2 (unigrams + bigrams, the official default).
         num_buckets: ``m`` (official default 10,000; at most 2**31).
         batch_size: examples hashed per vectorised batch.
+        engine: the tokenizer's regex engine, ``"regex"`` (as nltk >= 3.9.3) or ``"re"`` (older nltk).
         salt: fast mode only: a key for BLAKE2b, giving an independent hash family (``salt=1`` is the
             handbook's *held-out* metric space, in which neither mode's selection was optimised).
 
@@ -127,19 +153,22 @@ class Featurizer:
     """
 
     def __init__(self, mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000, batch_size: int = 2048,
-                 salt: int = 0):
+                 salt: int = 0, engine: str = "regex"):
         if mode not in MODES:
             raise SelectionError(f"unknown featurizer mode {mode!r}; use 'exact' (official SHA-256 buckets) "
                                  "or 'fast' (vectorised hashing).")
         if ngrams not in (1, 2):
-            raise SelectionError(f"ngrams={ngrams}: only 1 (unigrams) and 2 (unigrams + bigrams, the official "
-                                 "default) are implemented.")
+            raise SelectionError(f"ngrams={ngrams} is not implemented: use 1 (unigrams) or 2 (unigrams + bigrams, "
+                                 "the official default).")
         if not 1 <= num_buckets < 2**31:
-            raise SelectionError(f"num_buckets={num_buckets} must be in [1, 2**31); DSIR uses 10000.")
+            raise SelectionError(f"num_buckets={num_buckets} must be in [1, 2**31): use 10000 (the DSIR default).")
         if salt and mode != "fast":
-            raise SelectionError("salt applies to mode='fast' only (exact mode is the official SHA-256).")
+            raise SelectionError("salt applies to mode='fast' only (exact mode is the official SHA-256): use "
+                                 "mode='fast' with a salt, or drop the salt.")
         self.mode, self.ngrams, self.num_buckets, self.batch_size = mode, ngrams, int(num_buckets), batch_size
         self.salt = int(salt)
+        self.engine = engine
+        self._re = _compile(engine)
         self._key = self.salt.to_bytes(8, "little") if self.salt else b""
         self._vocab: dict[str, int] = {}
         self._tokens: list[str] = []
@@ -178,7 +207,8 @@ class Featurizer:
 
     def _batch(self, texts: list[str]) -> Features:
         m = self.num_buckets
-        toks = [_TOKEN.findall(t.lower()) for t in texts]
+        findall = self._re.findall
+        toks = [findall(t.lower()) for t in texts]
         lens = np.fromiter(map(len, toks), np.int64, len(toks))
         ids = self._ids(toks)
         ex = np.repeat(np.arange(len(toks), dtype=np.int32), lens)
@@ -218,9 +248,9 @@ class Featurizer:
 
 
 def featurize(texts: Iterable[str], mode: str = "exact", ngrams: int = 2, num_buckets: int = 10000,
-              salt: int = 0) -> Features:
+              salt: int = 0, engine: str = "regex") -> Features:
     """One-shot :class:`Featurizer` call."""
-    return Featurizer(mode, ngrams, num_buckets, salt=salt)(texts)
+    return Featurizer(mode, ngrams, num_buckets, salt=salt, engine=engine)(texts)
 
 
 def heldout_featurize(texts: Iterable[str], ngrams: int = 2, num_buckets: int = 10000) -> Features:

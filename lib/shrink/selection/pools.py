@@ -61,7 +61,7 @@ def sha256(text: str) -> str:
 def chunk_words(text: str, words: int = 128) -> list[str]:
     """Cut ``text`` into full chunks of ``words`` whitespace-separated words (joined by one space)."""
     if words <= 0:
-        raise SelectionError(f"words per chunk must be positive, got {words}; DSIR's pipeline uses 128.")
+        raise SelectionError(f"words per chunk must be positive, got {words}; use 128 (DSIR's pipeline).")
     toks = text.split()
     return [" ".join(toks[i:i + words]) for i in range(0, len(toks) - words + 1, words)]
 
@@ -116,7 +116,8 @@ def build_pool(domains: Iterable[str] = DOMAINS, *, with_wiki: bool = False, wor
     names = (["wikitext2"] if with_wiki else []) + [d for d in domains if d != "wikitext2"]
     unknown = [d for d in names if d not in LICENCES]
     if unknown:
-        raise SelectionError(f"unknown pool domain(s) {unknown}; known: {', '.join(LICENCES)}")
+        raise SelectionError(f"unknown pool domain(s) {unknown}; use known domains: {', '.join(LICENCES)} "
+                             "(or stream an online corpus with stream_hf_chunks).")
     seen: set[str] = set()
     pool: list[dict] = []
     for d in names:
@@ -178,7 +179,8 @@ def write_shards(chunks: Iterable[dict], out_dir: str | Path, n_shards: int, *, 
     """
     chunks = list(chunks)
     if n_shards <= 0 or n_shards > max(1, len(chunks)):
-        raise SelectionError(f"n_shards={n_shards} must be in [1, {len(chunks)}] (the number of chunks).")
+        raise SelectionError(f"n_shards={n_shards} must be in [1, {len(chunks)}] (the number of chunks); use "
+                             "fewer shards or give more chunks.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = ".jsonl.zst" if compress else ".jsonl"
@@ -210,34 +212,56 @@ def shard_paths(pattern: str | list[str]) -> list[Path]:
     return paths
 
 
+def _zst_lines(path: Path, block: int = 1 << 20) -> Iterator[str]:
+    """Lines of a .zst file, decompressed incrementally; a truncated stream (no end of frame) raises."""
+    import codecs
+
+    import zstandard
+
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    dec = codecs.getincrementaldecoder("utf-8")()
+    tail = ""
+    with open(path, "rb") as raw:
+        while True:
+            buf = raw.read(block)
+            if not buf:
+                break
+            text = tail + dec.decode(dobj.decompress(buf))
+            lines = text.split("\n")
+            tail = lines.pop()
+            yield from (line + "\n" for line in lines)
+    if not dobj.eof:
+        raise ShardError(f"{path} is truncated (the zstd frame does not end); the shard is corrupt: regenerate "
+                         "it (write_shards) or delete it.")
+    tail += dec.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 def iter_shard(path: str | Path, field: str | None = None) -> Iterator[dict]:
-    """Stream one shard line by line (``.jsonl`` or ``.jsonl.zst``); a record lacking ``field`` or a broken
-    line raises :class:`ShardError` naming the file, the line and the fix."""
+    """Stream one shard line by line (``.jsonl`` or ``.jsonl.zst``); a record lacking ``field``, a broken
+    line or a truncated/corrupt compressed stream raises :class:`ShardError` naming the file and the fix."""
     path = Path(path)
     try:
         if path.name.endswith(".zst"):
-            import zstandard
-
-            raw = open(path, "rb")
-            f = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+            lines = _zst_lines(path)
         else:
-            f = open(path, encoding="utf-8")
-        with f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ShardError(f"{path}:{lineno} is not JSON ({exc}); the shard is corrupt: regenerate it "
-                                     "(write_shards) or delete it.") from exc
-                if field is not None and field not in rec:
-                    raise ShardError(f"{path}:{lineno} has no {field!r} field; pool records need "
-                                     f"{field!r} (see shrink.selection.pools).")
-                yield rec
+            lines = open(path, encoding="utf-8")
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ShardError(f"{path}:{lineno} is not JSON ({exc}); the shard is corrupt: regenerate it "
+                                 "(write_shards) or delete it.") from exc
+            if field is not None and field not in rec:
+                raise ShardError(f"{path}:{lineno} has no {field!r} field; pool records need "
+                                 f"{field!r}: rebuild the shard with shrink.selection.pools.write_shards.")
+            yield rec
     except ShardError:
         raise
-    except (OSError, UnicodeDecodeError, Exception) as exc:  # zstd errors have their own class
+    except Exception as exc:  # zstd errors have their own class
         if type(exc).__module__.startswith("zstandard") or isinstance(exc, (UnicodeDecodeError, OSError)):
             raise ShardError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the shard is corrupt or "
                              "truncated: regenerate it (write_shards) or delete it.") from exc

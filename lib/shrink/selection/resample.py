@@ -27,7 +27,7 @@ def _check(log_w: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarr
         raise SelectionError(f"log weights must be 1-D [n], got shape {log_w.shape}.")
     eligible = np.arange(log_w.size) if mask is None else np.flatnonzero(np.asarray(mask, bool))
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
-        raise SelectionError(f"k={k!r} must be a non-negative integer (the number of examples to select).")
+        raise SelectionError(f"k={k!r} must be a non-negative integer: pass the number of examples to select, e.g. k=500.")
     if k > eligible.size:
         raise SelectionError(f"k={k} exceeds the {eligible.size} eligible examples of the pool (of {log_w.size}); "
                              "lower k, enlarge the pool, or lower min_example_length.")
