@@ -11,7 +11,8 @@ the network emulated offline, and checks per page:
 * no console error, no uncaught exception, no failed resource load, no request outside ``file://``;
 * no table and no display equation is clipped: one wider than the article sits in a horizontally
   scrollable container that itself fits in the article;
-* no absolute path of this machine (the checkout, ``$SHRINK_DATA``) in the page text.
+* no absolute path of this machine (the checkout, ``$SHRINK_DATA``) in the page text, and no papermill
+  injected-parameters cell.
 
 Screenshots of the first page of each chapter (and the intro) go to ``build/screenshots/`` (not committed).
 """
@@ -163,6 +164,7 @@ _CHECK_JS = r"""
   });
   return {title: document.title, mathNodes: mathNodes.length, mjx: document.querySelectorAll('mjx-container').length,
           untypeset, raw, imgs, links, ids, tables: wide, articleRight: aRect.right, articleWidth: aRect.width,
+          injected: document.querySelectorAll('.tag_injected-parameters').length,
           bodyScroll: document.documentElement.scrollWidth, bodyClient: document.documentElement.clientWidth,
           text: document.body.innerText};
 })()
@@ -253,6 +255,8 @@ def page_problems(browser, path: Path) -> list[str]:
                             f"article {info['articleWidth']:.0f}px, no scroll container")
     if info["bodyScroll"] > info["bodyClient"] + 1:
         problems.append(f"the page scrolls sideways ({info['bodyScroll']} > {info['bodyClient']} px)")
+    if info["injected"]:
+        problems.append("papermill's injected-parameters cell is shown (make book stages it with remove-cell)")
     # machine paths
     for forbidden in _forbidden_paths():
         if forbidden in info["text"]:
@@ -267,7 +271,7 @@ _BAD_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
 <img src="missing.png"><a href="nowhere.html">broken</a><a href="#no-such-anchor">anchor</a>
 <table><tr><td style="white-space:nowrap">{wide}</td></tr></table>
 <div style="overflow-x:auto"><table><tr><td style="white-space:nowrap">{wide}</td></tr></table></div>
-<p>{root}</p>
+<p>{root}</p><div class="cell tag_injected-parameters">scale = "tiny"</div>
 <script>console.error("boom"); undefined_function();</script>
 </main></body></html>"""
 
@@ -278,7 +282,8 @@ def test_checker_catches_a_bad_page(browser, tmp_path):
     joined = "\n".join(page_problems(browser, bad))
     for expected in ("math not typeset", "raw math delimiters", "images not loaded", "broken link: ",
                      "broken anchor: #no-such-anchor", "console error: boom", "uncaught exception",
-                     "request outside the book", "table 0", "is clipped", f"machine path {ROOT}"):
+                     "request outside the book", "table 0", "is clipped", f"machine path {ROOT}",
+                     "injected-parameters cell is shown"):
         assert expected in joined, (expected, joined)
     assert "table 1" not in joined  # the wide table inside a scroll container is fine
 
