@@ -47,6 +47,30 @@ KERNEL_SETS = {
 ORIGINAL_KERNELS = "avx2-1t"
 
 
+#: The deviation issue 9 reports for the SparseGPT LR seed-0 cell of 01b recomputed on an AVX512 machine with
+#: 2 threads (perplexity 63.03 vs 61.26, final-block calibration error 145.5 vs 146.3). Not a record (there is
+#: no AVX512 machine here); margins are compared with it as well as with the replicas measured here.
+REPORTED_DEVIATION = {"ppl": 63.03 / 61.26 - 1, "err_calib": 1 - 145.5 / 146.3}
+
+
+def kernel_status(margin: float, metric: str, measured: float | None, *, replicated: bool = False) -> str:
+    """Verdict on a condition ``ratio < threshold`` with relative ``margin = threshold / ratio - 1``:
+
+    ``"fails"`` (margin <= 0); ``"within 2× the measured kernel-set deviation"`` when its cells were not
+    replicated and the margin is at most twice ``measured`` (the largest relative deviation of ``metric`` over
+    the replicas; a ratio of two cells moves by up to both cells' deviations); ``"within 2× the AVX512
+    deviation of issue 9"`` when the margin is at most twice :data:`REPORTED_DEVIATION` of ``metric``; else
+    ``"holds"``.
+    """
+    if margin <= 0:
+        return "fails"
+    if not replicated and measured is not None and margin <= 2 * measured:
+        return "within 2× the measured kernel-set deviation"
+    if metric in REPORTED_DEVIATION and margin <= 2 * REPORTED_DEVIATION[metric]:
+        return "within 2× the AVX512 deviation of issue 9"
+    return "holds"
+
+
 def current_kernels() -> str:
     """The kernel set this process runs under, named as in :data:`KERNEL_SETS` (``"<isa>[-mklcompat]-<n>t"``)."""
     isa = torch.backends.cpu.get_cpu_capability().lower()
