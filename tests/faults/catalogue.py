@@ -976,8 +976,10 @@ def _(ctx):
 # make
 # --------------------------------------------------------------------------------------------------
 def _make(args, cwd=ROOT, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    env.pop("PYTEST_CURRENT_TEST", None)  # inside `make test`: a clean make, not the parent's flags or overrides
     p = subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     return p.returncode, p.stdout + p.stderr
 
 
