@@ -139,3 +139,52 @@ def pool_summary(cfg, *, scale: str) -> dict:
                 "chunks": len(st.pool), "words": sum(r["words"] for r in rows)}
 
     return results.cached("pool-summary", config, run, scale=scale, chapter=CHAPTER)
+
+
+@lru_cache(maxsize=2)
+def _embeddings(encoder: str, texts: tuple) -> np.ndarray:
+    from .. import models
+    from .baselines import embed
+
+    model, tok = models.load(encoder)
+    return embed(list(texts), model, tok)
+
+
+def baselines_run(cfg, *, seed: int, scale: str) -> dict:
+    """One seed of notebook 04c: every baseline at the matched budget ``baseline_k`` on the baseline pool
+    (``baseline_max_per_domain`` chunks per domain, no WikiText). Cached as ``baselines``."""
+    from . import baselines as B
+
+    bcfg = cfg.with_(max_per_domain=cfg.baseline_max_per_domain)
+    config = {"pool": pool_config(bcfg, False), "k": cfg.baseline_k, "seed": seed, "encoder": cfg.encoder,
+              "n_clusters": cfg.n_clusters, "semdedup_eps": cfg.semdedup_eps, "dbp_tau": cfg.dbp_tau,
+              "num_buckets": cfg.num_buckets, "kl_alpha": cfg.kl_alpha, "engine": "regex",
+              "methods": ["random", "dsir-exact", "heuristic-cls", "nearest-centroid", "k-center", "semdedup",
+                          "dbp"]}
+
+    def run() -> dict:
+        st = setting(bcfg, False)
+        k, a = cfg.baseline_k, cfg.kl_alpha
+        tt = [c["text"] for c in st.target]
+        emb = _embeddings(cfg.encoder, tuple(st.texts))
+        temb = _embeddings(cfg.encoder, tuple(tt))
+        labels, cents = B.kmeans(emb, cfg.n_clusters, seed)
+        keep = B.semdedup(emb, cfg.semdedup_eps, n_clusters=cfg.n_clusters, seed=seed, labels=labels,
+                          centroids=cents)
+        kept = np.flatnonzero(keep)
+        sel = {"random": random_selection(len(st.pool), k, seed),
+               "dsir-exact": DSIR(num_buckets=cfg.num_buckets, min_example_length=cfg.min_example_length)
+               .fit(st.texts, tt).select(k, seed=seed),
+               "heuristic-cls": B.heuristic_classification(st.texts, tt, k, seed)[0],
+               "nearest-centroid": B.nearest_centroid(emb, temb, k)[0],
+               "k-center": B.k_center(emb, k, seed)[0]}
+        sel["semdedup"] = np.sort(kept[random_selection(kept.size, min(k, kept.size), seed)])
+        idx, _, info = B.dbp(emb[kept], min(k, kept.size), n_clusters=cfg.n_clusters, seed=seed, tau=cfg.dbp_tau)
+        sel["dbp"] = np.sort(kept[idx])
+        out = {"pool_chunks": len(st.pool), "pool_hash": pools.pool_hash(st.pool), "semdedup_kept": int(kept.size),
+               "dbp_quotas": info["quotas"].tolist(), "bound": {f"kl_{s}": st.kl_bound(s, a) for s in SPACES},
+               "methods": {m: {**_describe(st, i, a), "n": int(len(i)), "unique": int(len(set(i.tolist())))}
+                           for m, i in sel.items()}}
+        return out
+
+    return results.cached("baselines", config, run, scale=scale, chapter=CHAPTER)

@@ -30,6 +30,13 @@ class DataPreset(Preset):
     k: int = 500
     seeds: tuple = (0, 1, 2)
     kl_alpha: float = 1.0
+    # baselines (04c): a smaller pool, because MiniLM embeds ~2 chunks/s on the shared 2-core machine
+    baseline_max_per_domain: int | None = 60
+    baseline_k: int = 60
+    encoder: str = "minilm"
+    n_clusters: int = 16
+    semdedup_eps: float = 0.05
+    dbp_tau: float = 0.5
 
     def check(self) -> None:
         if self.k <= 0 or self.words <= 0 or self.num_buckets <= 0:
@@ -43,7 +50,9 @@ class DataPreset(Preset):
 
 
 register("data", {
-    "tiny": DataPreset(model="tiny-llama", max_per_domain=60, target_max_chunks=200, k=40),
+    "tiny": DataPreset(model="tiny-llama", max_per_domain=60, target_max_chunks=200, k=40,
+                       baseline_max_per_domain=20, baseline_k=20, encoder="tiny-bert", n_clusters=8, semdedup_eps=1e-4),
     "cpu": DataPreset(model="smollm2-135m", k=500),
-    "paper": DataPreset(model="smollm2-135m", pool_source="EleutherAI/pile", k=10_000_000),
+    "paper": DataPreset(model="smollm2-135m", pool_source="EleutherAI/pile", k=10_000_000,
+                        baseline_max_per_domain=None, baseline_k=10_000_000, n_clusters=500),
 })
