@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--log-output", action="store_true")
     c = sub.add_parser("check", help="exit 2 unless every executed notebook given is complete")
     c.add_argument("paths", nargs="+")
+    from .selection.cli import add_parser as _select_parser, cmd_select
+    _select_parser(sub)
     args = p.parse_args(argv)
     try:
-        result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check}[args.cmd](args)
+        result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check, "select": cmd_select}[args.cmd](args)
         text = json.dumps(result, indent=1, default=str, allow_nan=False)
     except ShrinkError as exc:
         _print({"error": type(exc).__name__, "message": str(exc)})

@@ -1,0 +1,66 @@
+"""``shrink select dsir --pool 'shards/*.jsonl.zst' --target 'target/*.jsonl' --k 1000`` (prints JSON).
+
+Streams the pool shards (name order = global index order), fits DSIR in one pass, selects ``k``. Targets
+are JSON-lines shards with a ``text`` field (``.jsonl`` / ``.jsonl.zst``) or plain ``.txt`` files (one
+example per non-empty line). ``--ray ADDRESS`` (the sharded Ray path) is not implemented yet and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("select", help="data selection over a sharded pool (DSIR), JSON out")
+    s.add_argument("method", choices=["dsir"])
+    s.add_argument("--pool", required=True, help="glob of JSON-lines shards with a 'text' field")
+    s.add_argument("--target", required=True, help="glob of target shards (.jsonl[.zst]) or .txt files")
+    s.add_argument("--k", type=int, required=True)
+    s.add_argument("--mode", choices=["exact", "fast"], default="exact")
+    s.add_argument("--top-k", action="store_true", help="deterministic top-k instead of Gumbel top-k")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-example-length", type=int, default=100)
+    s.add_argument("--num-buckets", type=int, default=10000)
+    s.add_argument("--ray", default=None, help="Ray address (not implemented yet)")
+    s.add_argument("--ids", action="store_true", help="also print the selected records' ids")
+
+
+def _targets(pattern: str):
+    from . import pools
+
+    paths = pools.shard_paths(pattern)
+    for p in paths:
+        if p.suffix == ".txt":
+            yield from (line for line in Path(p).read_text(encoding="utf-8").splitlines() if line.strip())
+        else:
+            yield from (r["text"] for r in pools.iter_shard(p, "text"))
+
+
+def cmd_select(args) -> dict:
+    from . import pools
+    from .dsir import DSIR
+    from .errors import SelectionError
+
+    if args.ray:
+        raise SelectionError("--ray is not implemented yet in this version; run without --ray (in-process), "
+                             "or shard the pool and run one process per shard group.")
+    t0 = time.process_time()
+    ids: list = []
+
+    def texts():
+        for r in pools.iter_shards(args.pool, "text"):
+            ids.append(r.get("id"))
+            yield r["text"]
+
+    d = DSIR(mode=args.mode, num_buckets=args.num_buckets, min_example_length=args.min_example_length)
+    d.fit(texts(), list(_targets(args.target)))
+    idx = d.select(args.k, seed=args.seed, top_k=args.top_k)
+    lw = d.log_weights()
+    out = {"method": "dsir", "mode": args.mode, "top_k": args.top_k, "seed": args.seed, "k": args.k,
+           "pool_chunks": len(ids), "eligible": int(d.eligible().sum()), "indices": idx.tolist(),
+           "log_weight_range": [float(lw.min()), float(lw.max())], "cpu_seconds": round(time.process_time() - t0, 3),
+           "shards": [str(p) for p in pools.shard_paths(args.pool)]}
+    if args.ids:
+        out["ids"] = [ids[i] for i in idx.tolist()]
+    return out
