@@ -27,6 +27,7 @@ from .sequential import (PRUNERS, SCHEMES, PruneResult, PruneSpec, dense_streams
                          select_linears)
 from ..obs import inverse_hessian_factor
 from .sparsegpt import sparsegpt_prune
+from .training import SparseUpdater  # training-time sparsity (issue 16): shrink.pruning.training
 from ..obs import InputStats, StatsCollector
 from .selfgen import looks_english, self_generate
 from .wanda import wanda_mask, wanda_scores
