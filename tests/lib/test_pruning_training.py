@@ -434,6 +434,31 @@ def test_default_targets_skip_embeddings_tied_and_lm_head():
     assert T.default_targets(LM()) == ["fc.weight"]
 
 
+def test_tiny_llama_rigl_erk_linears_only_exact_counts():
+    """On the decoder's linears (embeddings and lm_head excluded): ERK budget exact, counts constant through
+    RigL updates on the LM loss, pruned weights zero, non-target parameters never masked."""
+    import shrink.models as M
+
+    model, _ = M.load("tiny-llama")
+    model.train()
+    names = T.default_targets(model)
+    assert names and all(".layers." in n and n.endswith("_proj.weight") for n in names)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    upd = T.SparseUpdater(model, opt, "rigl", sparsity=0.8, distribution="erk", update_every=2, end_step=8)
+    counts = upd.check()
+    assert sum(counts.values()) == sum(int(math.prod(s) * 0.8) for s in upd.shapes.values())
+    emb = model.get_input_embeddings().weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    for t in range(6):
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        upd.step()
+        assert upd.check() == counts
+    assert set(upd.shapes) == set(names) and not torch.equal(model.get_input_embeddings().weight, emb)
+    assert sum(sum(h["changed"].values()) for h in upd.history) > 0
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw,words", [
     ({"sparsity": 1.2}, ("sparsity", "0.8")),
