@@ -46,6 +46,8 @@ class WeightOnlyPreset(Preset):
     calib_seeds: tuple = (0, 1, 2)
     #: cells measured on every calibration seed (the rest on the first seed only, and the table says so)
     seeded_cells: tuple = ((3, "channel"), (4, "channel"))
+    #: grids GPTQ is measured on (RTN runs on every grid); None = all of ``grids``
+    gptq_grids: tuple | None = None
     act_order: bool = False
 
     def check(self) -> None:
@@ -53,6 +55,8 @@ class WeightOnlyPreset(Preset):
             grid_spec(g, 4)  # raises PresetError on a bad name
         if not self.calib_seeds:
             raise PresetError("calib_seeds needs at least one seed, e.g. (0, 1, 2)")
+        if self.gptq_grids is not None and not set(self.gptq_grids) <= set(self.grids):
+            raise PresetError(f"gptq_grids {self.gptq_grids} must be a subset of grids {self.grids}")
         for b, g in self.seeded_cells:
             if b not in self.bits or g not in self.grids:
                 raise PresetError(f"seeded cell ({b}, {g!r}) is not in bits={self.bits} x grids={self.grids}")
@@ -135,6 +139,10 @@ class WeightOnlyContext:
             return out
 
         return results.cached("weightonly", conf, run, scale=self.scale, chapter=CHAPTER)
+
+    def has_gptq(self, grid: str) -> bool:
+        """Whether the preset measures GPTQ on ``grid`` (RTN is measured on every grid)."""
+        return self.cfg.gptq_grids is None or grid in self.cfg.gptq_grids
 
     def seeds_for(self, bits: int, grid: str) -> tuple:
         return self.cfg.calib_seeds if (bits, grid) in self.cfg.seeded_cells else self.cfg.calib_seeds[:1]
