@@ -332,6 +332,8 @@ def test_lth_rewind_restores_saved_weights_under_final_mask():
 def test_ste_masked_forward_straight_through_backward():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = mlp()  # STE follows s(t) every step, so any end_step is valid with the default update_every
+    T.SparseUpdater(other, torch.optim.SGD(other.parameters(), lr=0.1), "ste", sparsity=0.5, end_step=37)
     upd = T.SparseUpdater(model, opt, "ste", sparsity=0.5, start_step=0, end_step=10, update_every=1)
     for _ in range(12):
         upd.step()  # advance to full sparsity (no gradients: SGD skips params without grad)

@@ -328,7 +328,7 @@ class SparseUpdater:
         distribution: ``"uniform"``, ``"erk"`` or ``{name: final sparsity}``.
         schedule: a schedule object (``sparsity(t, final)``, ``is_update(t)``); default from the algorithm:
             one-shot at ``start_step`` (magnitude, random, saliency), polynomial from ``start_step`` to
-            ``end_step`` every ``update_every`` (gmp, ste), periodic (set, rigl).
+            ``end_step`` every ``update_every`` (gmp; ste: every step), periodic (set, rigl).
         update_every: mask-update period ΔT (gmp, set, rigl).
         start_step, end_step: first / last update step (gmp, ste, set, rigl); LTH prunes and rewinds at
             ``end_step``.
@@ -413,8 +413,10 @@ class SparseUpdater:
         if schedule is None:
             if algorithm in ("magnitude", "random", "saliency"):
                 schedule = OneShotSchedule(self.start_step)
-            elif algorithm in ("gmp", "ste"):
+            elif algorithm == "gmp":
                 schedule = PolynomialSchedule(self.start_step, end_step, self.update_every, power=power)
+            elif algorithm == "ste":  # masks recomputed every step: s(t) follows the curve step by step
+                schedule = PolynomialSchedule(self.start_step, end_step, 1, power=power)
             elif algorithm in ("set", "rigl"):
                 schedule = PeriodicSchedule(self.start_step, end_step, self.update_every)
             elif algorithm == "lth":
