@@ -119,7 +119,7 @@ _CPU_RECON = {**_CPU, "calib_nsamples": 16, "epochs": 5, "batch_size": 2, "lr": 
 # Replicas (issue 9 §2; experiment.replica): cells of the grid recomputed under another kernel set, each its
 # own record beside the original. Measured on a shared 2-core machine where one LR replica took 15-20 min of
 # wall time (ATen's scalar kernels are slower), so only the cells listed here were replicated.
-_REPLICAS = (("default-1t", "sparsegpt", "LR", 0),)
+_REPLICAS = (("default-1t", "sparsegpt", "LR", 0), ("default-1t", "sparsegpt", "LR", 1))
 register("pruning-reconstruction", {
     "tiny": PruningPreset(**_TINY, replicas=(("default-1t", "wanda", "LR", 0),)),
     "cpu": PruningPreset(**_CPU_RECON, seeds=(0, 1, 2), cr_pruners=("wanda", "sparsegpt"), replicas=_REPLICAS),
