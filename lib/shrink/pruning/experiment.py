@@ -315,13 +315,19 @@ def dense_reference(st: Setup) -> dict:
 
 
 def self_generated(st: Setup, n: int, seed: int) -> torch.Tensor:
-    """``n`` self-generated sequences of ``selfgen_seqlen`` tokens from the dense model (cached tensors)."""
+    """``n`` self-generated sequences of ``selfgen_seqlen`` tokens from the dense model: int64 ``[n, seqlen]``,
+    stored with the results (``results/<scale>/01-weights/tensors/``, sha256 checked)."""
     from .selfgen import self_generate
 
     c = st.cfg
     key = {"model": c.model, "n": n, "seqlen": c.selfgen_seqlen, "seed": seed, "min_alpha": c.selfgen_min_alpha}
-    return results.cached_tensors("selfgen", key, lambda: self_generate(st.model, st.tok, n, c.selfgen_seqlen,
-                                                                        seed=seed, min_alpha=c.selfgen_min_alpha))
+
+    def generate():  # the $SHRINK_CACHE copy is read first: it migrates sequences generated before they travelled
+        return {"ids": results.cached_tensors("selfgen", key, lambda: self_generate(
+            st.model, st.tok, n, c.selfgen_seqlen, seed=seed, min_alpha=c.selfgen_min_alpha))}
+
+    # committed with the results (small int64 [n, seqlen]): 01d's records depend on them (issue 9)
+    return results.cached_tensors("selfgen", key, generate, scale=st.scale, chapter=CHAPTER)["ids"]
 
 
 def cached_compensated(st: Setup, pruner: str, seed: int, *, rank: int = 0, bias: bool = False) -> dict:
