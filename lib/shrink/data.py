@@ -23,7 +23,6 @@ Introduced in: notebooks/00-start/00-tour.md
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import random
@@ -162,13 +161,7 @@ def _verdict_file() -> Path | None:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = env.sha256_file
 
 
 def verify_file(path: Path) -> None:

@@ -313,3 +313,12 @@ def clean_stale_temps(parent: str | Path, prefix: str, max_age_s: float = 6 * 36
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def sha256_file(path) -> str:
+    """sha256 hex digest of a file, read in 4 MiB chunks (data files, model caches, committed tensors)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -18,7 +18,6 @@ Introduced in: notebooks/00-start/00-tour.md
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -333,12 +332,7 @@ def load_smollm2_from_gguf(dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = env.sha256_file
 
 
 def content_manifest(folder: Path) -> dict[str, dict]:
