@@ -1,7 +1,7 @@
 """Count the catalogue's outcome classes on a checkout (issue 10's before/after numbers).
 
     SHRINK_DATA=... SHRINK_THREADS=1 .venv/bin/python tests/faults/census.py [--json out.json] [--skip-slow]
-    PYTHONPATH=/tmp/before/lib ... tests/faults/census.py      # the code before issue 10 (git worktree)
+    PYTHONPATH=../shrink-before/lib ... tests/faults/census.py      # the code before issue 10 (git worktree)
 
 Prints one line per row (id, layer, class, detail) and the count per class.
 """

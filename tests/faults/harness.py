@@ -3,7 +3,7 @@
 A row is one bad input or fault a new user could cause. Its ``action(ctx)`` performs it and returns an
 :class:`Outcome` (or raises; :func:`observe` turns a raised exception into an outcome). Every row expects
 class ``clear``; the catalogue test asserts it, and ``python tests/faults/census.py`` counts the classes
-of any checkout (``PYTHONPATH=/tmp/before/lib`` for the code before issue 10).
+of any checkout (``PYTHONPATH=<worktree of 08ad5d4>/lib`` for the code before issue 10).
 
 Outcome classes, most serious first:
 
