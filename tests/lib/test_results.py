@@ -81,12 +81,17 @@ def test_config_key_is_order_independent():
     assert results.config_key({"a": 1}) != results.config_key({"a": 2})
 
 
-def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
-    results.cached("c", {"a": 1}, lambda: {"v": 1}, scale="tiny", chapter="t")
-    path = results.record_path("c", {"a": 1}, scale="tiny", chapter="t")
+def _record_from_other_code(scale):
+    """Store {"v": 1} for config {"a": 1} at ``scale``, then mark the record as made by other code."""
+    results.cached("c", {"a": 1}, lambda: {"v": 1}, scale=scale, chapter="t")
+    path = results.record_path("c", {"a": 1}, scale=scale, chapter="t")
     rec = json.loads(path.read_text())
     rec["code"] = "000000000000"
     path.write_text(json.dumps(rec))
+
+
+def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
+    _record_from_other_code("tiny")
     monkeypatch.setenv("SHRINK_REUSE_STALE", "1")
     assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="tiny", chapter="t") == {"v": 1}
     monkeypatch.delenv("SHRINK_REUSE_STALE")
@@ -95,11 +100,7 @@ def test_record_from_other_code_is_recomputed(monkeypatch, capsys):
 
 
 def test_stale_cpu_record_is_reused_and_announced(monkeypatch, capsys):
-    results.cached("c", {"a": 1}, lambda: {"v": 1}, scale="cpu", chapter="t")
-    path = results.record_path("c", {"a": 1}, scale="cpu", chapter="t")
-    rec = json.loads(path.read_text())
-    rec["code"] = "000000000000"
-    path.write_text(json.dumps(rec))
+    _record_from_other_code("cpu")
     assert results.cached("c", {"a": 1}, lambda: {"v": 2}, scale="cpu", chapter="t") == {"v": 1}
     assert "reused" in capsys.readouterr().out
     monkeypatch.setenv("SHRINK_STALE", "recompute")
