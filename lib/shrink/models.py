@@ -8,6 +8,8 @@ Registry (short names, see :data:`MODELS`):
     take seconds.
 ``tiny-llama``, ``tiny-llama3``, ``tiny-mistral``, ``tiny-opt``
     random-init tiny configs of those architectures (``tiny`` scale, and stand-ins for paper models).
+``byte-llama``
+    a random-init 4-block d=128 LLaMA-style byte LM that chapters train from scratch (``shrink.train``).
 any Hugging Face id
     loaded through ``transformers`` when ``SHRINK_ONLINE=1``. With ``SHRINK_STANDINS=1`` the paper models
     of :data:`STANDINS` resolve to a random-init stand-in of the same architecture instead (for testing
@@ -111,6 +113,11 @@ MODELS: dict[str, ModelSpec] = {
         dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
              word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True,
              **{**_TINY_COMMON, "bos_token_id": 256, "eos_token_id": 257})),
+    # trained from scratch on the offline text (sparse training, loss reweighting, token crisis): byte vocabulary
+    "byte-llama": ModelSpec(
+        "byte-llama", "tiny", "random-init LLaMA-style byte LM for training from scratch, 4 blocks, d=128, 4 heads (0.86 M)",
+        dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, **_TINY_COMMON)),
     # encoders (token-pruning chapter): all-MiniLM-L6-v2 from the PyPI package, a tiny random BERT for CI
     "minilm": ModelSpec(
         "minilm", "encoder-package",
