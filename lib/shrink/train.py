@@ -211,7 +211,7 @@ def sft_batches(examples: list[dict], batch_size: int, *, seed: int = 0, epoch_o
     """
     check_int("batch_size", batch_size)
     if not examples:
-        raise TrainError("sft_batches got no examples; select a non-empty subset.")
+        raise TrainError("sft_batches got no examples; pass a non-empty list of tokenized examples (tokenize_sft).")
     n = len(examples)
 
     def batches(t: int) -> dict:
