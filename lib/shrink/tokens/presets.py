@@ -92,3 +92,79 @@ register("tokens-decoder", {
     "cpu": TokensDecoderPreset(model="smollm2-135m"),
     "paper": TokensDecoderPreset(model="smollm2-135m", windows=256, paper_command=_LMMS),
 })
+
+
+# ---- multi-vector retrieval (03i, CRISP analogue) and cluster-then-reconstruct (03j, Expedit) ----------------
+@dataclass(frozen=True)
+class TokensRetrievalPreset(Preset):
+    """Inverse-cloze retrieval with MiniLM token vectors (:mod:`shrink.tokens.retrieval`)."""
+
+    corpus: str = "wikitext2"
+    split: str = "test"
+    n_docs: int = 1000
+    n_queries: int = 400
+    max_tokens: int = 128
+    query_tokens: tuple = (8, 48)
+    data_seed: int = 0
+    budgets: tuple = (4, 8, 16, 32)   # vectors kept per document
+    seeds: tuple = (0, 1, 2)          # k-means and random seeds
+    kmeans_iterations: int = 20
+    paper_model: str = "CRISP (Gemma-based encoder, BEIR)"
+    paper_command: str = ""
+
+    def check(self) -> None:
+        if not 1 <= self.n_queries <= self.n_docs:
+            raise PresetError(f"need 1 <= n_queries <= n_docs, got {self.n_queries}, {self.n_docs}")
+        if not self.budgets or not all(isinstance(k, int) and k >= 1 for k in self.budgets):
+            raise PresetError(f"budgets must be integers >= 1 (vectors per document), got {self.budgets}")
+        if len(self.seeds) < 1:
+            raise PresetError("seeds must name at least one seed")
+
+
+@dataclass(frozen=True)
+class TokensExpeditPreset(Preset):
+    """Expedit-style cluster-then-reconstruct on the encoder (:mod:`shrink.tokens.expedit`)."""
+
+    corpus: str = "wikitext2"
+    split: str = "test"
+    n_sentences: int = 150
+    min_tokens: int = 40
+    max_tokens: int = 128
+    data_seed: int = 0
+    alphas: tuple = (1, 2, 3)         # cluster before block alpha (blocks 0..alpha-1 on every token)
+    ratios: tuple = (0.7, 0.5, 0.3)   # cluster tokens / tokens
+    iterations: int = 5               # SLIC iterations (Expedit-SAM's n_iters)
+    window: int = 5                   # each token sees this many neighbouring centroids
+    temperature: float = 0.05         # soft assignment softmax(-D / (tau * D_scale))
+    knn: int = 5                      # reconstruction neighbours (Expedit: 20 of 28x28 clusters)
+    seeds: tuple = (0, 1, 2)          # random-pruning baseline seeds
+    paper_model: str = "Segmenter ViT-L/16 (ADE20K)"
+    paper_command: str = ""
+
+    def check(self) -> None:
+        if not self.ratios or not all(0.0 < r <= 1.0 for r in self.ratios):
+            raise PresetError(f"ratios must lie in (0, 1], got {self.ratios}")
+        if not self.alphas or min(self.alphas) < 1:
+            raise PresetError(f"alphas must be block indices >= 1, got {self.alphas}")
+        if self.iterations < 1 or self.window < 1 or self.knn < 1 or self.temperature <= 0:
+            raise PresetError("iterations, window and knn must be >= 1 and temperature > 0")
+
+
+_CRISP = ("not run: CRISP trains a Gemma-based multi-vector encoder on BEIR (no code released); the cpu path "
+          "is post-hoc reduction of a frozen encoder")
+_EXPEDIT = ("git clone https://github.com/Expedit-LargeScale-Vision-Transformer/Expedit-Segmenter && "
+            "python tools/test.py configs/segmenter/... --eval mIoU  # alpha=10, 28x28; GPU + ADE20K")
+
+register("tokens-retrieval", {
+    "tiny": TokensRetrievalPreset(model="tiny-bert", n_docs=40, n_queries=16, max_tokens=96,
+                                  query_tokens=(20, 200), budgets=(4, 8), seeds=(0, 1, 2), kmeans_iterations=5),
+    "cpu": TokensRetrievalPreset(model="minilm"),
+    "paper": TokensRetrievalPreset(model="minilm", n_docs=1500, n_queries=1000, paper_command=_CRISP),
+})
+
+register("tokens-expedit", {
+    "tiny": TokensExpeditPreset(model="tiny-bert", n_sentences=10, min_tokens=24, max_tokens=64, alphas=(1,),
+                                ratios=(0.5,), knn=3),
+    "cpu": TokensExpeditPreset(model="minilm"),
+    "paper": TokensExpeditPreset(model="minilm", n_sentences=1000, paper_command=_EXPEDIT),
+})
