@@ -148,3 +148,6 @@ register("pruning-where", {
     "cpu": PruningPreset(**_CPU, pruners=("sparsegpt",), schemes=("LR",), seeds=(0,)),
     "paper": PruningPreset(**_PAPER_OPT),
 })
+
+# 01h (fine-tuning with sparsity on SmolLM2: one-shot + recovery vs GMP during the run): registered by its module
+from . import recovery  # noqa: E402,F401
