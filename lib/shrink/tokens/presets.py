@@ -127,15 +127,16 @@ class TokensExpeditPreset(Preset):
 
     corpus: str = "wikitext2"
     split: str = "test"
-    n_sentences: int = 150
+    n_sentences: int = 100
     min_tokens: int = 40
     max_tokens: int = 128
     data_seed: int = 0
-    alphas: tuple = (1, 2, 3)         # cluster before block alpha (blocks 0..alpha-1 on every token)
-    ratios: tuple = (0.7, 0.5, 0.3)   # cluster tokens / tokens
+    alpha: int = 2                    # main grid: cluster before block alpha (blocks 0..alpha-1 on every token)
+    alphas: tuple = (1, 2, 3)         # the alpha sweep (at ratio 0.5)
+    ratios: tuple = (0.7, 0.5, 0.3)   # tokens after block alpha / tokens
     iterations: int = 5               # SLIC iterations (Expedit-SAM's n_iters)
-    window: int = 5                   # each token sees this many neighbouring centroids
-    temperature: float = 0.05         # soft assignment softmax(-D / (tau * D_scale))
+    window: int = 5                   # each token sees this many neighbouring centroids (Expedit-SAM: 5); 0 = all
+    temperature: float = 0.1          # softmax(-D / tau), D scaled by the tokens' mean squared spread
     knn: int = 5                      # reconstruction neighbours (Expedit: 20 of 28x28 clusters)
     seeds: tuple = (0, 1, 2)          # random-pruning baseline seeds
     paper_model: str = "Segmenter ViT-L/16 (ADE20K)"
@@ -146,8 +147,8 @@ class TokensExpeditPreset(Preset):
             raise PresetError(f"ratios must lie in (0, 1], got {self.ratios}")
         if not self.alphas or min(self.alphas) < 1:
             raise PresetError(f"alphas must be block indices >= 1, got {self.alphas}")
-        if self.iterations < 1 or self.window < 1 or self.knn < 1 or self.temperature <= 0:
-            raise PresetError("iterations, window and knn must be >= 1 and temperature > 0")
+        if self.iterations < 1 or self.window < 0 or self.knn < 1 or self.temperature <= 0:
+            raise PresetError("iterations and knn must be >= 1, window >= 0 (0 = all clusters), temperature > 0")
 
 
 _CRISP = ("not run: CRISP trains a Gemma-based multi-vector encoder on BEIR (no code released); the cpu path "
@@ -163,8 +164,109 @@ register("tokens-retrieval", {
 })
 
 register("tokens-expedit", {
-    "tiny": TokensExpeditPreset(model="tiny-bert", n_sentences=10, min_tokens=24, max_tokens=64, alphas=(1,),
-                                ratios=(0.5,), knn=3),
+    "tiny": TokensExpeditPreset(model="tiny-bert", n_sentences=8, min_tokens=24, max_tokens=64, alpha=1,
+                                alphas=(1,), ratios=(0.7, 0.5), knn=3),
     "cpu": TokensExpeditPreset(model="minilm"),
     "paper": TokensExpeditPreset(model="minilm", n_sentences=1000, paper_command=_EXPEDIT),
+})
+
+
+@dataclass(frozen=True)
+class TokensKVPreset(Preset):
+    """KV-cache eviction (03g): ``windows`` WikiText-2 test windows of ``length`` tokens; the first ``prefill``
+    run as a prompt with the full cache, the rest decoded with the cache evicted to each of ``budgets``."""
+
+    corpus: str = "wikitext2"
+    split: str = "test"
+    windows: int = 32
+    length: int = 512
+    prefill: int = 448
+    budgets: tuple = (64, 128, 256)
+    sink: int = 4                     # StreamingLLM's attention sinks
+    heavy_share: float = 0.5          # H2O: heavy hitters = share x budget, the rest recent (heavy_ratio = recent_ratio)
+    random_budgets: tuple = (128,)    # budgets of the random-eviction baseline (on every seed)
+    seeds: tuple = (0, 1, 2)
+    chunk: int = 8                    # windows per result record
+    paper_command: str = ""
+
+    def check(self) -> None:
+        if not 2 <= self.prefill < self.length - 1:
+            raise PresetError(f"need 2 <= prefill < length - 1, got prefill={self.prefill}, length={self.length}")
+        if not self.budgets or not all(isinstance(b, int) and self.sink < b for b in self.budgets):
+            raise PresetError(f"budgets must be integers above sink={self.sink}, got {self.budgets}")
+        if not set(self.random_budgets) <= set(self.budgets):
+            raise PresetError(f"random_budgets {self.random_budgets} must be among budgets {self.budgets}")
+        if not 0.0 <= self.heavy_share < 1.0:
+            raise PresetError(f"heavy_share must lie in [0, 1), got {self.heavy_share}")
+        if not self.seeds or self.chunk < 1:
+            raise PresetError("seeds must name at least one seed and chunk must be >= 1")
+
+
+_H2O = ("git clone https://github.com/FMInference/H2O && cd H2O/h2o_hf && bash scripts/streaming/eval.sh h2o  "
+        "# LLaMA-7B / OPT, GPU; the cpu path here is the same policy on SmolLM2")
+
+register("tokens-kv", {
+    "tiny": TokensKVPreset(model="tiny-llama3", windows=4, length=96, prefill=64, budgets=(16, 32),
+                           random_budgets=(16,), chunk=2),
+    "cpu": TokensKVPreset(model="smollm2-135m"),
+    "paper": TokensKVPreset(model="smollm2-135m", windows=128, length=1024, prefill=896, budgets=(64, 128, 256, 512),
+                            random_budgets=(128, 256), paper_command=_H2O),
+})
+
+
+@dataclass(frozen=True)
+class TokensBudgetPreset(Preset):
+    """Learned budgets (03h). Search (VFlowOpt-style) on ``search_windows`` WikiText-2 *validation* windows,
+    evaluation of the continuation NLL on ``eval_windows`` *test* windows (``context`` + ``continuation``);
+    ATP-style thresholds trained on MiniLM passages of the validation split, evaluated on test passages."""
+
+    corpus: str = "wikitext2"
+    search_split: str = "validation"
+    eval_split: str = "test"
+    search_windows: int = 8
+    eval_windows: int = 32
+    context: int = 256
+    continuation: int = 48
+    layers: tuple = (3, 9)            # progressive pruning points (blocks); the last ratio is solved
+    target: float = 0.5               # mean kept fraction over all blocks
+    n_trials: int = 16
+    search_seeds: tuple = (0, 1, 2)
+    method: str = "last"
+    # ATP on the encoder
+    encoder: str = "minilm"
+    train_passages: int = 256
+    test_passages: int = 150
+    min_tokens: int = 40
+    max_tokens: int = 128
+    atp_layers: tuple = (2, 3, 4)     # blocks before which tokens are dropped
+    atp_target: float = 0.6           # mean kept fraction over all blocks
+    atp_steps: int = 150
+    atp_batch: int = 8
+    atp_lr: float = 3e-3
+    atp_tau: float = 4.0
+    atp_lambda: float = 20.0
+    atp_hidden: int = 16
+    atp_seeds: tuple = (0, 1, 2)
+    paper_command: str = ""
+
+    def check(self) -> None:
+        if not 0.0 < self.target < 1.0 or not 0.0 < self.atp_target < 1.0:
+            raise PresetError(f"targets must lie in (0, 1), got {self.target}, {self.atp_target}")
+        if list(self.layers) != sorted(set(self.layers)) or list(self.atp_layers) != sorted(set(self.atp_layers)):
+            raise PresetError(f"layers must be strictly increasing, got {self.layers}, {self.atp_layers}")
+        if self.n_trials < 1 or self.atp_steps < 1 or not self.search_seeds or not self.atp_seeds:
+            raise PresetError("n_trials, atp_steps must be >= 1 and the seed lists non-empty")
+
+
+_VFLOW = ("git clone https://github.com/sihany077/VFlowOpt  # LLaVA-OneVision-7B + lmms-eval 0.2.4, GPU; "
+          "ATP-LLaVA has no official code")
+
+register("tokens-budget", {
+    "tiny": TokensBudgetPreset(model="tiny-llama3", encoder="tiny-bert", search_windows=2, eval_windows=4, context=48,
+                               continuation=16, layers=(1,), target=0.75, n_trials=3, train_passages=16,
+                               test_passages=12, min_tokens=24, max_tokens=64, atp_layers=(1,), atp_target=0.75,
+                               atp_steps=6, atp_batch=4),
+    "cpu": TokensBudgetPreset(model="smollm2-135m"),
+    "paper": TokensBudgetPreset(model="smollm2-135m", search_windows=32, eval_windows=256, n_trials=100,
+                                paper_command=_VFLOW),
 })
