@@ -149,5 +149,8 @@ register("pruning-where", {
     "paper": PruningPreset(**_PAPER_OPT),
 })
 
+# 01f / 01g (sparse-training zoo; one-shot vs pruning while training): presets registered by their module
+from . import sparse_experiments  # noqa: E402,F401
+
 # 01h (fine-tuning with sparsity on SmolLM2: one-shot + recovery vs GMP during the run): registered by its module
 from . import recovery  # noqa: E402,F401
