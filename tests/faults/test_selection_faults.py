@@ -113,3 +113,51 @@ def test_shards_are_written_atomically(tmp_path):
     with pytest.raises(RuntimeError):
         pools.write_shards(list(gen()), tmp_path, 1)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ PASER / kMQ / Q-Tuning (data chapter II)
+def _emb(n=30, d=6):
+    return np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+
+
+def test_paser_bad_inputs():
+    from shrink.selection import paser
+
+    x = _emb()
+    _clear(lambda: paser.select(x, np.zeros(30), 31, ntem=False), "budget=31", "[1, 30]")
+    _clear(lambda: paser.select(x, np.zeros(29), 5, ntem=False), "jsd", "jsd_scores")
+    _clear(lambda: paser.select(x, np.full(30, np.nan), 5, ntem=False), "jsd", "finite")
+    _clear(lambda: paser.select(x, np.zeros(30), 5), "NTEM", "ntem=False")
+    _clear(lambda: paser.select(x, np.zeros(30), 5, ntem=False, components=("s2c", "x")), "components")
+    _clear(lambda: paser.select(x, np.zeros(30), 5, ntem=False, n_clusters=30), "n_clusters=30")
+    _clear(lambda: paser.select(x, np.zeros(30), 5, ntem=False, n_clusters=3), "weight 0", "models differ")
+    _clear(lambda: paser.allocate([1.0, -1.0], [2, 2], 2), "weights", ">= 0")
+
+
+def test_paser_token_jsd_bad_inputs():
+    import torch
+
+    from shrink.selection import paser
+
+    a, b = torch.zeros(1, 3, 5), torch.zeros(1, 3, 6)
+    _clear(lambda: paser.token_jsd(a, b), "shape", "same batch")
+    _clear(lambda: paser.token_jsd(a, a, reduction="median"), "reduction", "mean")
+
+
+def test_kmq_bad_inputs():
+    from shrink.selection import kmq
+
+    x = _emb()
+    _clear(lambda: kmq.select(x, np.zeros(5), 5, k=3), "quality", "[N]=30")
+    _clear(lambda: kmq.select(x, np.zeros(30), 5, k=3, temperature=0), "temperature")
+    _clear(lambda: kmq.choose_k(x, (64, 128)), "candidate K", "smaller ks")
+    _clear(lambda: kmq.iterative(x, np.zeros(30), 5, lambda s, r: s, rounds=6, k=3), "rounds=6")
+
+
+def test_qtuning_bad_inputs():
+    from shrink.selection import qtuning
+
+    _clear(lambda: qtuning.QTuningHook(0.0, 0.5), "r_sample=0.0", "fraction")
+    _clear(lambda: qtuning.QTuningHook(0.5, 2), "r_token=2", "fraction")
+    _clear(lambda: qtuning.QTuningHook(0.5, 0.5, lam=3), "lam=3")
+    _clear(lambda: qtuning.sample_rule(np.ones(3), np.ones(4), 0.5), "one length")

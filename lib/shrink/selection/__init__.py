@@ -5,7 +5,7 @@ Introduced in: notebooks/04-data/04a-offline-pools.md (pools), notebooks/04-data
 """
 
 from . import features, metrics, pools, resample
-from . import kmq, paser, quality  # PASER, kMQ / iterative, IFD / response perplexity (data chapter II)
+from . import kmq, paser, qtuning, quality  # PASER, kMQ / iterative, Q-Tuning, IFD / response PPL
 from .dsir import DSIR
 from .errors import SelectionError, ShardError
 from .features import Features, Featurizer, featurize, tokenize
@@ -13,5 +13,5 @@ from .metrics import composition, kl_reduction, precision
 from .resample import gumbel_topk, topk
 
 __all__ = ["DSIR", "Features", "Featurizer", "SelectionError", "ShardError", "composition", "featurize",
-           "features", "gumbel_topk", "kl_reduction", "kmq", "metrics", "paser", "pools", "precision", "quality",
-           "resample", "tokenize", "topk"]
+           "features", "gumbel_topk", "kl_reduction", "kmq", "metrics", "paser", "pools", "precision", "qtuning",
+           "quality", "resample", "tokenize", "topk"]
