@@ -495,6 +495,37 @@ def final_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda h: model.lm_head(model.model.norm(h))
 
 
+def add_dropout(model: nn.Module, p: float) -> list:
+    """Residual dropout: dropout with rate ``p`` on the output of every decoder block's attention and MLP,
+    before it is added to the residual stream (GPT-2's ``resid_pdrop``; the regulariser of the token-crisis
+    notebook 04g). Forward hooks, active only in training mode (``model.train()``), so ``model.eval()``
+    outputs are unchanged. ``p = 0`` registers nothing. Returns the hook handles (``h.remove()`` undoes it).
+
+    Dropout draws from torch's global RNG, which :func:`shrink.train.train` seeds and checkpoints.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise BadInputError(f"dropout rate must be a number in [0, 1), got {p!r}; e.g. p=0.1 (Xue et al. 2023).")
+    if p == 0:
+        return []
+
+    def hook(module, args, out):
+        if not module.training:
+            return out
+        if isinstance(out, tuple):
+            return (nn.functional.dropout(out[0], p, True), *out[1:])
+        return nn.functional.dropout(out, p, True)
+
+    handles = []
+    for block in decoder_blocks(model):
+        attn = getattr(block, "self_attn", None)
+        mlp = getattr(block, "mlp", None)
+        if attn is None or mlp is None:
+            raise UnsupportedModelError(f"add_dropout needs decoder blocks with .self_attn and .mlp; "
+                                        f"{type(block).__name__} has no such modules (LLaMA-like models have them).")
+        handles += [attn.register_forward_hook(hook), mlp.register_forward_hook(hook)]
+    return handles
+
+
 class _Captured(Exception):
     pass
 
