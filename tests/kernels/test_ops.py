@@ -200,6 +200,20 @@ def test_int8_matmul_extreme_accumulator_exact():
     assert bool((out == 2.0**26).all())
 
 
+@pytest.mark.parametrize("K", [1, 1023, 1024, 1025, 3000])
+def test_f32_exact_accumulation_is_exact_across_chunks(K):
+    """The cpu_f32_exact path at the accumulator's extremes (all codes -128: |partial sums| = 2**24 per chunk)
+    and on random codes equals the float64 reference exactly, whatever the CPU."""
+    from shrink.ops import _f32_exact_accumulate
+
+    g = torch.Generator().manual_seed(K)
+    extreme = torch.full((3, K), -128, dtype=torch.int8)
+    assert torch.equal(_f32_exact_accumulate(extreme, extreme), ref.int32_accumulate(extreme, extreme))
+    a = torch.randint(-128, 128, (17, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (9, K), dtype=torch.int8, generator=g)
+    assert torch.equal(_f32_exact_accumulate(a, b), ref.int32_accumulate(a, b))
+
+
 def test_int8_matmul_fast_path_equals_reference_at_layer_shape():
     g = torch.Generator().manual_seed(5)
     xq = torch.randint(-128, 128, (64, 576), dtype=torch.int8, generator=g)
@@ -291,7 +305,7 @@ def test_bad_input_raises_shrink_error(call):
 # ----------------------------------------------------------------------------- dispatch
 def test_dispatch_on_cpu_reports_reference():
     for name in ops.OP_NAMES:
-        expected = {"reference", "cpu_int_mm"} if name == "int8_matmul_dequant" else {"reference"}
+        expected = {"reference", "cpu_int_mm", "cpu_f32_exact"} if name == "int8_matmul_dequant" else {"reference"}
         assert ops.backend(name, "cpu") in expected
         with ops.reference_only():
             assert ops.backend(name, "cpu") == "reference"
