@@ -73,10 +73,19 @@ class TokensDecoderPreset(Preset):
             raise PresetError("timing_repeats must be >= 1")
 
 
-_TIMM = ("NOT IMPLEMENTED YET: Zero-TPrune/ToMe on timm deit_small_patch16_224 over ImageNet-1k validation "
-         "(needs a GPU, the timm weights and the dataset); the paper scale runs the MiniLM path on 1000 passages")
-_LMMS = ("pip install lmms-eval==0.2.4 && python -m lmms_eval --model llava --model_args "
-         "pretrained=liuhaotian/llava-v1.5-7b --tasks gqa,pope,mme --batch_size 1  # FastV K=3 R=50%; GPU only")
+_TIMM = ("pip install timm && SHRINK_ONLINE=1 python -c \"from shrink.tokens import vision as V; "
+         "m = V.load_vit('deit_small_patch16_224', pretrained=True); "
+         "[print(kw, V.evaluate_folder(m, '$SHRINK_IMAGENET', **kw)) for kw in ({}, "
+         "dict(method='zero_tprune', keep=0.7, prune_at=(3, 6, 9)), dict(method='cls', keep=0.7, prune_at=(3, 6, 9)), "
+         "dict(method='tome', r=13))]\"  # ImageNet-1k val/<wnid>/*.JPEG; accuracy vs GFLOPs (evaluate_folder, "
+         "tested on a random-init stand-in in tests/lib/test_tokens_paper.py); the MiniLM path runs on 1000 passages")
+_LMMS = ("git clone https://github.com/pkunlp-icler/FastV && (cd FastV/src/transformers && pip install -e .) && "
+         "pip install lmms-eval==0.2.4 && python -m lmms_eval --model llava --model_args "
+         "pretrained=liuhaotian/llava-v1.5-7b,use_fast_v=True,fast_v_agg_layer=3,fast_v_attention_rank=288 "
+         "--tasks gqa,pope,mme --batch_size 1  # FastV K=3 R=50% of 576 visual tokens; DivPrune: "
+         "git clone https://github.com/vbdi/divprune and run its lmms-eval scripts at ratio 0.098; GPU only "
+         "(not installed here: lmms-eval pulls a CUDA torch). The FastV keys in model_args are FastV's config names "
+         "as recalled, unverified: check them against FastV's README before a run")
 
 register("tokens-encoder", {
     "tiny": TokensEncoderPreset(model="tiny-bert", n_sentences=12, min_tokens=24, max_tokens=64, prune_at=1,
