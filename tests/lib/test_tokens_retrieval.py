@@ -128,3 +128,13 @@ def test_bench_kmeans_with_all_vectors_equals_full(data_dir, one_thread):
     assert km["ndcg_per_query"] == full["ndcg_per_query"] and km["stored_fraction"] == 1.0
     low = bench.run("first", 2)
     assert low["vectors_per_doc"] == 2.0
+
+
+def test_bench_single_vector_is_the_encoders_mean_pooling(data_dir, one_thread):
+    cfg = scales.get("tokens-retrieval", "tiny")
+    bench = R.RetrievalBench(cfg, "tiny")
+    sv = bench.single_vector()
+    d = torch.nn.functional.normalize(R.mean_pooled(bench.model, bench.tok, bench.set.docs, max_tokens=cfg.max_tokens), dim=-1)
+    q = torch.nn.functional.normalize(R.mean_pooled(bench.model, bench.tok, bench.set.queries, max_tokens=cfg.max_tokens), dim=-1)
+    ref = R.rank_metrics(R.ranks(q @ d.T, bench.set.relevant))
+    assert sv["ndcg_per_query"] == pytest.approx(ref["ndcg_per_query"], abs=1e-9)
