@@ -139,13 +139,16 @@ register("pruning-recovery", {
     "tiny": RecoveryPreset(model="tiny-llama", calib_nsamples=4, calib_seqlen=64, eval_seqlen=64, eval_windows=4,
                            steps=8, batch_size=2, seqlen=32, lr=1e-3, warmup=1, lora_r=4, lora_alpha=8.0,
                            lora_lr=1e-2, gmp_end=6, gmp_every=2, rigl_every=2, seeds=(0, 1, 2),
-                           methods=("none", "fixed", "lora", "gmp", "rigl"), control_methods=("dense-ft",),
+                           methods=("none", "fixed", "gmp", "rigl"), control_methods=("lora", "dense-ft"),
                            extra_pruners=("sparsegpt",)),
     # cpu: SmolLM2-135M, 50 % unstructured on the 7 linears x 30 blocks; Wanda's calibration as 01b (16 x 256
-    # WikiText-2 validation tokens); 32 AdamW steps x 2 x 128 WikiText-2 validation tokens (8,192 tokens) for
-    # every method; GMP's updates at steps 0, 4, ..., 24 (75 %); test perplexity on 4 x 512 WikiText-2 test
-    # tokens (01a/01b's windows). Sized for <= 12 min on one idle core (pilot in the notebook).
-    "cpu": RecoveryPreset(model="smollm2-135m", seeds=(0, 1, 2)),
+    # WikiText-2 validation tokens); 16 AdamW steps x 2 x 128 WikiText-2 validation tokens (4,096 tokens) for
+    # every method; GMP's updates at steps 0, 2, ..., 12 (75 %); test perplexity on 4 x 512 WikiText-2 test
+    # tokens (01a/01b's windows). Three seeds of none / fixed / gmp; LoRA and the dense control on the first
+    # seed. Sized for the shared machine: under a load average of 12-15 on 2 cores a pilot took 18 s per full
+    # AdamW step, 390 s per Wanda prune and 74 s per evaluation (about 7x an idle core's times).
+    "cpu": RecoveryPreset(model="smollm2-135m", steps=16, warmup=2, gmp_end=12, gmp_every=2, rigl_every=4,
+                          seeds=(0, 1, 2), methods=("none", "fixed", "gmp"), control_methods=("lora", "dense-ft")),
     "paper": RecoveryPreset(model="huggyllama/llama-7b", calib_corpus="c4", calib_split="train",
                             calib_nsamples=128, calib_seqlen=2048, train_corpus="c4", train_split="train",
                             eval_seqlen=2048, eval_windows=None, steps=1000, batch_size=8, seqlen=1024, lr=2e-5,
