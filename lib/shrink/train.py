@@ -20,6 +20,10 @@ What one step does (step ``t``, counted from 0):
 6. fixed ``masks`` are re-applied after the step (pruned weights stay exactly 0 under AdamW, whose moments
    would otherwise move them; :func:`check_masks` verifies it).
 
+``loss_fn=(model, batch, t) -> loss`` (or ``(loss, n_tokens)``) replaces steps 3-4 for models that are not
+causal LMs (a pruning module on a frozen encoder, 03h): the rest of the step — optimizer, schedule,
+clipping, masks, checkpoints — is the same loop.
+
 LoRA goes through ``peft`` (a kept library): ``TrainConfig(lora={"r": 8, "alpha": 16, "targets": [...]})``
 wraps the model, trains the adapters only, and :func:`train` merges them at the end. A merged LoRA update
 ``W + BA`` is dense; with fixed masks the merged weight is re-masked (``(W + BA) ⊙ M``) and the fraction of
@@ -376,7 +380,8 @@ def train(model: nn.Module, batches: Callable[[int], dict], cfg: TrainConfig, *,
           batch_hook: Callable[[nn.Module, dict, int], dict] | None = None,
           eval_fn: Callable[[nn.Module, int], dict] | None = None,
           checkpoint_dir: str | Path | None = None, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          loss_fn: Callable[[nn.Module, dict, int], Any] | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` AdamW steps on ``batches(t)``; see the module docstring for one step.
 
     Args:
@@ -391,6 +396,9 @@ def train(model: nn.Module, batches: Callable[[int], dict], cfg: TrainConfig, *,
         eval_fn: ``(model, t) -> dict`` every ``cfg.eval_every`` steps and at the end.
         checkpoint_dir: resume from / write checkpoints here (keyed by ``cfg.key()``).
         on_step: called with each step's info dict (``step``, ``loss``, ``lr``, updater info).
+        loss_fn: ``(model, batch, t) -> scalar loss`` or ``(loss, n_tokens)``: replaces the next-token loss
+            (and the sample weighting) for models that are not causal LMs; ``batch`` is whatever
+            ``batches(t)`` returns.
 
     Returns:
         :class:`TrainResult`.
@@ -398,6 +406,9 @@ def train(model: nn.Module, batches: Callable[[int], dict], cfg: TrainConfig, *,
     if updater is not None and masks is not None:
         raise TrainError("pass either fixed masks or a sparse updater, not both (the updater owns its masks; "
                          "give it the initial masks: SparseUpdater(..., masks=masks)).")
+    if loss_fn is not None and sample_weights is not None:
+        raise TrainError("loss_fn replaces the per-sample next-token loss that sample_weights reweights; weigh "
+                         "inside loss_fn instead, or drop one of them.")
     if updater is not None and cfg.lora is not None:
         raise TrainError("sparse updaters train the weights they mask; LoRA adapters would bypass them. Use full "
                          "fine-tuning (lora=None) with an updater, or fixed masks with LoRA.")
@@ -457,11 +468,20 @@ def train(model: nn.Module, batches: Callable[[int], dict], cfg: TrainConfig, *,
             batch = batch_hook(model, batch, t)
         ctx = upd.forward() if upd is not None else _null()
         with ctx:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-            tl, m = token_losses(out.logits, batch["labels"])
-            per = sample_losses(tl, m)
-            w = weigh(per.detach(), t)
-            loss = (w * per).sum()
+            if loss_fn is not None:
+                got = loss_fn(model, batch, t)
+                loss, n_tok = got if isinstance(got, tuple) else (got, 0)
+                if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
+                    raise TrainError("loss_fn must return a scalar tensor that requires grad (or (loss, n_tokens)); "
+                                     f"got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}: compute it from "
+                                     "the model's trainable parameters.")
+            else:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+                tl, m = token_losses(out.logits, batch["labels"])
+                per = sample_losses(tl, m)
+                w = weigh(per.detach(), t)
+                loss = (w * per).sum()
+                n_tok = int(m.sum())
         if not torch.isfinite(loss):
             raise TrainError(f"the loss became {float(loss.detach())} at step {t}; lower cfg.lr (now {cfg.lr}) or set "
                              "cfg.grad_clip. Nothing after this step was kept.")
@@ -475,7 +495,7 @@ def train(model: nn.Module, batches: Callable[[int], dict], cfg: TrainConfig, *,
         sched.step()
         if mask_d:
             _apply_masks(mask_params, mask_d)
-        result.tokens += int(m.sum())
+        result.tokens += int(n_tok)
         acc += float(loss.detach())
         acc_n += 1
         step_info = {"step": t, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], **(info or {})}

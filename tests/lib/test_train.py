@@ -188,3 +188,35 @@ def test_evaluate_loss_is_token_weighted():
     bs = [_batches(B=2)(0), _batches(B=1)(1)]
     ev = T.evaluate_loss(m, bs)
     assert ev["tokens"] == 3 * 31 and math.isclose(ev["ppl"], math.exp(ev["loss"]))
+
+
+def test_loss_fn_hook_reproduces_the_default_loss_and_trains_a_non_lm():
+    # the hook computing the same next-token loss gives the same trajectory bit for bit
+    cfg = T.TrainConfig(steps=3, lr=1e-3)
+    a, _ = _tiny()
+    ra = T.train(a, _batches(), cfg, progress=False)
+
+    def lm_loss(model, batch, t):
+        out = model(input_ids=batch["input_ids"])
+        tl, m = T.token_losses(out.logits, batch["labels"])
+        return T.sample_losses(tl, m).mean(), int(m.sum())
+    b, _ = _tiny()
+    rb = T.train(b, _batches(), cfg, progress=False, loss_fn=lm_loss)
+    assert all(torch.equal(x, y) for x, y in zip(_params(a), _params(b)))
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history] and ra.tokens == rb.tokens
+    # a module that is not a causal LM: least squares on a fixed target, only "w" trainable
+    torch.manual_seed(0)
+    reg = torch.nn.Sequential()
+    reg.w = torch.nn.Parameter(torch.zeros(3))
+    reg.frozen = torch.nn.Parameter(torch.ones(3))
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    r = T.train(reg, lambda t: {"x": x, "y": y}, T.TrainConfig(steps=200, lr=0.05, trainable=("w",)),
+                progress=False, loss_fn=lambda m, b, t: ((b["x"] @ m.w - b["y"]) ** 2).mean())
+    assert r.history[-1]["loss"] < 1e-2 * r.history[0]["loss"] + 1e-6
+    assert torch.equal(reg.frozen.detach(), torch.ones(3))
+    with pytest.raises(T.TrainError, match="loss_fn must return a scalar tensor"):
+        T.train(reg, lambda t: {}, T.TrainConfig(steps=1), progress=False, loss_fn=lambda m, b, t: 1.0)
+    with pytest.raises(T.TrainError, match="replaces the per-sample"):
+        T.train(reg, lambda t: {}, T.TrainConfig(steps=1), progress=False, loss_fn=lambda m, b, t: 1.0,
+                sample_weights=T.uniform_weights)
