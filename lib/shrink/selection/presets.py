@@ -178,3 +178,83 @@ register("token-crisis", {
                            steps=400, lr=1e-3, warmup=40, eval_every=100, wiki_windows=256,
                            points=tuple((k, p) for k in (1, 2, 8, 32) for p in (0.0, 0.1))),
 })
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recovery of a pruned model with selected instruction data (04c PASER, 04d Diversify & Conquer)
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecoveryPreset(Preset):
+    """04c/04d (``shrink.selection.recovery``): the instruction pool (``per_source`` examples of every source
+    of ``sources`` plus ``heldout`` held-out ones, ``heldout_gsm8k`` for GSM8K), the pruned model
+    (``prune_pattern`` at ``prune_sparsity``, Wanda on ``calib_nsamples x calib_seqlen`` WikiText-2 windows —
+    the notebook composes it with the weights chapter), the budget (a fraction of the pool), LoRA recovery
+    (PASER's r=8, alpha=16, dropout 0.05 on every linear; ``recovery_epochs`` over the selection at
+    ``batch_size``), and the evaluation (``eval_windows x eval_seqlen`` WikiText-2 test tokens,
+    ``nll_per_source`` held-out responses per source, GSM8K exact match on ``em_n`` held-out problems with
+    ``em_new_tokens`` greedy tokens). ``full_seeds``: seeds of the full-pool run (it costs 1/budget times a
+    selected run); ``ablation_seeds``: seeds of PASER's component ablation (report-only)."""
+
+    sources: tuple = ("lima", "gsm8k", "gpteacher-roleplay", "gpteacher-toolformer", "selfinstruct-seed")
+    per_source: int | None = 50
+    heldout: int = 8
+    heldout_gsm8k: int = 24
+    pool_seed: int = 0
+    prune_sparsity: float = 0.5
+    prune_patterns: tuple = ("unstructured",)
+    calib_nsamples: int = 16
+    calib_seqlen: int = 256
+    budget: float = 0.2
+    batch_size: int = 4
+    recovery_epochs: int = 1
+    lr: float = 3e-4
+    warmup: int = 2
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    max_prompt: int = 96
+    max_response: int = 64
+    eval_seqlen: int = 512
+    eval_windows: int = 2
+    nll_per_source: int = 8
+    em_n: int = 24
+    em_new_tokens: int = 64
+    encoder: str = "minilm"
+    n_clusters: int = 8
+    kmq_k: int | None = None
+    kmq_ks: tuple = (4, 8, 16)
+    iter_rounds: int = 3
+    seeds: tuple = (0, 1, 2)
+    full_seeds: tuple = (0,)
+    ablation_seeds: tuple = (0,)
+
+    def check(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise PresetError(f"RecoveryPreset.budget={self.budget} must be a fraction in (0, 1] (PASER: 0.2)")
+        if not self.seeds or not set(self.full_seeds) | set(self.ablation_seeds) <= set(self.seeds):
+            raise PresetError("RecoveryPreset.seeds must be non-empty and full_seeds / ablation_seeds subsets of seeds")
+        if self.heldout_gsm8k < self.em_n or self.heldout < self.nll_per_source:
+            raise PresetError("RecoveryPreset: em_n <= heldout_gsm8k and nll_per_source <= heldout are needed "
+                              "(the evaluation draws from the held-out split)")
+        if any(p not in ("unstructured", "2:4") for p in self.prune_patterns):
+            raise PresetError(f"RecoveryPreset.prune_patterns={self.prune_patterns}: use 'unstructured' and/or '2:4'")
+
+
+register("recovery", {
+    "tiny": RecoveryPreset(model="tiny-llama", per_source=12, heldout=3, heldout_gsm8k=4, budget=0.25,
+                           batch_size=2, calib_nsamples=4, calib_seqlen=64, max_prompt=32, max_response=24,
+                           eval_seqlen=64, eval_windows=2, nll_per_source=3, em_n=4, em_new_tokens=8,
+                           encoder="tiny-bert", n_clusters=3, kmq_ks=(2, 3), iter_rounds=2, warmup=1),
+    # 250 pool examples, budget 50 = 13 LoRA steps of 4 x <=160 tokens per run (~1 min of training + ~35 s of
+    # evaluation on one idle core, estimated from the 130 tokens/s of full fine-tuning); 5 selectors x 3 seeds,
+    # the ablation (3 variants) and the full pool (63 steps) on seed 0: ~45 min on one idle core for 04c, 04d
+    # adds kmq-iter x 3 seeds (~8 min); on the shared machine (8-15 % of a core) several hours
+    "cpu": RecoveryPreset(model="smollm2-135m"),
+    # PASER: LLaMA-2-7B, Alpaca-cleaned, budget 20 %, LoRA r=8 on every linear, lr 3e-4 (1e-4 for Alpaca in the
+    # official comment), batch 128, 3 epochs, cutoff 256; WikiText-2 at 2048 tokens (all windows)
+    "paper": RecoveryPreset(model="meta-llama/Llama-2-7b-hf", sources=("hf:yahma/alpaca-cleaned",), per_source=None,
+                            heldout=500, heldout_gsm8k=0, em_n=0, batch_size=128, recovery_epochs=3, lr=1e-4,
+                            warmup=10, max_prompt=256, max_response=256, eval_seqlen=2048, eval_windows=None,
+                            nll_per_source=200, n_clusters=10, kmq_ks=(256, 512, 1024), full_seeds=(0,)),
+})
