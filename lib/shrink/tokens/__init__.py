@@ -4,7 +4,10 @@ forwards, KV-cache eviction (H2O, StreamingLLM), learned budgets (VFlowOpt-style
 
 Modules: :mod:`~shrink.tokens.attention`, :mod:`~shrink.tokens.scores`, :mod:`~shrink.tokens.select`,
 :mod:`~shrink.tokens.encoder`, :mod:`~shrink.tokens.decoder`, :mod:`~shrink.tokens.flops`,
-presets in :mod:`~shrink.tokens.presets`. This package does not import the other chapters' packages.
+presets in :mod:`~shrink.tokens.presets`; multi-vector retrieval (:mod:`~shrink.tokens.retrieval`, CRISP
+analogue), cluster-then-reconstruct (:mod:`~shrink.tokens.expedit`), the ViT paper path
+(:mod:`~shrink.tokens.vision`; import them explicitly). This package does not import the other chapters'
+packages.
 """
 
 from . import attention, budget, decoder, encoder, flops, kvcache, presets, scores, select
