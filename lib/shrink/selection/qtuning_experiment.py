@@ -36,14 +36,14 @@ class QTuningPreset(Preset):
 
     source: str = "gsm8k"
     pool_seed: int = 0
-    heldout: int = 24
+    heldout: int = 16
     train_n: int = 400
     eu_sources: tuple = ("gsm8k", "lima")
-    eu_per_source: int = 80
-    max_prompt: int = 80
-    max_response: int = 48
+    eu_per_source: int = 48
+    max_prompt: int = 64
+    max_response: int = 32
     batch_size: int = 8
-    steps: int = 8
+    steps: int = 4
     lr: float = 2e-4
     warmup: int = 1
     trainable: tuple | None = ("layers.28.", "layers.29.")
@@ -68,7 +68,9 @@ class QTuningPreset(Preset):
 register("qtuning", {
     "tiny": QTuningPreset(model="tiny-llama", heldout=4, train_n=24, eu_per_source=8, max_prompt=48,
                           max_response=24, batch_size=4, steps=4, warmup=1, trainable=None, seeds=(0, 1)),
-    # measured pilot (shared 2-core machine, one thread): see notebook 04e's cost cell
+    # sized for the shared machine (8 jobs on 2 cores: this run got ~1/8 of a core): 2 x 48 EU examples, 9 runs
+    # of 4 steps x 8 problems (<= 97 tokens), backward through the last two blocks only; the measured train CPU
+    # seconds per run are in the records (04e's grid table)
     "cpu": QTuningPreset(model="smollm2-135m"),
     # the paper: LLaMA2-7B / Mistral-7B / SmolLM2-1.7B, full GSM8K train etc., grids of r_sample x r_token
     "paper": QTuningPreset(model="HuggingFaceTB/SmolLM2-1.7B", heldout=500, train_n=6973, eu_per_source=1000,
@@ -76,6 +78,24 @@ register("qtuning", {
                            trainable=None,
                            cells=((0.125, 0.5), (0.25, 0.5), (0.25, 0.7), (0.5, 0.7))),
 })
+
+
+_BASE: dict = {}
+
+
+def _load(cfg):
+    """A fresh copy of the preset's model (loaded once per process, then ``copy.deepcopy``: runs never share
+    weights) and its tokenizer."""
+    import copy
+
+    from .. import models
+
+    key = (cfg.model, cfg.seed)
+    if key not in _BASE:
+        _BASE.clear()
+        _BASE[key] = models.load(cfg.model, seed=cfg.seed)
+    model, tok = _BASE[key]
+    return copy.deepcopy(model), tok
 
 
 def data_config(cfg) -> dict:
@@ -104,9 +124,10 @@ def _tokenized(cfg, tok, examples):
 
 
 def eu_plane(cfg, *, scale: str) -> dict:
-    """Per-example PPL and entropy (both position sets) of ``eu_per_source`` examples per source under the
-    untrained model: ``{"source", "ppl", "entropy", "entropy_response", "tokens"}`` (lists)."""
+    """Per-example PPL and entropy (``entropy_over``) of ``eu_per_source`` examples per source under the
+    untrained model: ``{"source", "ppl", "entropy", "tokens"}`` (lists)."""
     config = {"model": cfg.model, "sources": list(cfg.eu_sources), "per_source": cfg.eu_per_source,
+              "entropy_over": cfg.entropy_over,
               "pool_seed": cfg.pool_seed, "max_prompt": cfg.max_prompt, "max_response": cfg.max_response,
               "heldout_excluded": cfg.heldout}
 
@@ -114,13 +135,12 @@ def eu_plane(cfg, *, scale: str) -> dict:
         import torch
 
         from .. import data as D
-        from .. import models
         from ..train import collate
         from .qtuning import eu_scores
 
-        model, tok = models.load(cfg.model, seed=cfg.seed)
+        model, tok = _load(cfg)
         model.eval()
-        out = {"source": [], "ppl": [], "entropy": [], "entropy_response": [], "tokens": []}
+        out = {"source": [], "ppl": [], "entropy": [], "tokens": []}
         for src in cfg.eu_sources:
             rows = [r for r in D.load_instructions(src, "train") if str(r.get("output", "")).strip()]
             perm = np.random.default_rng(cfg.pool_seed).permutation(len(rows))
@@ -131,11 +151,9 @@ def eu_plane(cfg, *, scale: str) -> dict:
                 b = collate(tk[s:s + 8])
                 with torch.no_grad():
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                p, e, _, m = eu_scores(logits, b["labels"], b["attention_mask"], entropy_over="attention")
-                _, er, _, _ = eu_scores(logits, b["labels"], b["attention_mask"], entropy_over="response")
+                p, e, _, m = eu_scores(logits, b["labels"], b["attention_mask"], entropy_over=cfg.entropy_over)
                 out["ppl"] += p.tolist()
                 out["entropy"] += e.tolist()
-                out["entropy_response"] += er.tolist()
                 out["tokens"] += m.sum(1).tolist()
                 out["source"] += [src] * len(p)
         return out
@@ -161,9 +179,8 @@ def heldout_nll(model, tok, cfg, heldout) -> dict:
 def base_run(cfg, *, scale: str) -> dict:
     """Held-out NLL of the untrained model."""
     def run():
-        from .. import models
 
-        model, tok = models.load(cfg.model, seed=cfg.seed)
+        model, tok = _load(cfg)
         _, heldout = split(cfg)
         return heldout_nll(model, tok, cfg, heldout)
 
@@ -181,11 +198,10 @@ def sft_run(cfg, cell, seed: int, *, scale: str) -> dict:
     def run():
         import time
 
-        from .. import models
         from ..train import sft_batches, train
         from .qtuning import QTuningHook
 
-        model, tok = models.load(cfg.model, seed=cfg.seed)
+        model, tok = _load(cfg)
         tr, heldout = split(cfg)
         batches = sft_batches(_tokenized(cfg, tok, tr), cfg.batch_size, seed=seed)
         hook = None if cell is None else QTuningHook(cell[0], cell[1], lam=cfg.lam, entropy_over=cfg.entropy_over)
