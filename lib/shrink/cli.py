@@ -4,6 +4,8 @@
     shrink ppl --model smollm2-135m --data wikitext2 --split test --seqlen 2048 --windows 8
     shrink run notebooks/00-start/00-tour.md --scale tiny [--out build/executed]
     shrink check build/executed/tiny/00-start/00-tour.ipynb     # is an executed notebook complete?
+    shrink export OUT_DIR --model smollm2-135m --prune wanda:0.5    # or sparsegpt:2:4, magnitude:0.5
+    shrink export OUT_DIR --model smollm2-135m --quant w8a8         # or w8, w4g128 (compressed-tensors)
 
 Bad input prints ``{"error": <ShrinkError class>, "message": <problem and fix>}`` and exits with status 2;
 any other exception is a bug: ``{"error": "internal", "type": ..., "message": <its last line>}``, status 1.
@@ -31,6 +33,59 @@ from .errors import BadInputError, EnvError, ShrinkError, env_int
 
 def _print(obj) -> None:
     print(json.dumps(obj, indent=1, default=str, allow_nan=False))
+
+
+QUANT_RECIPES = {"w8a8": ("channel", 8, True), "w8": ("channel", 8, False), "w4g128": ("group", 4, False),
+                 "w4g32": ("group", 4, False)}
+
+
+def _parse_prune(text: str):
+    from .pruning import PruneSpec
+
+    pruner, _, rest = text.partition(":")
+    if not rest:
+        raise BadInputError(f"--prune {text!r} needs PRUNER:SPARSITY or PRUNER:N:M, e.g. wanda:0.5 or sparsegpt:2:4.")
+    if rest.count(":") == 1:
+        return PruneSpec(pruner=pruner, pattern=rest).check()
+    try:
+        sparsity = float(rest)
+    except ValueError:
+        raise BadInputError(f"--prune {text!r}: {rest!r} is not a sparsity; use e.g. wanda:0.5.") from None
+    return PruneSpec(pruner=pruner, sparsity=sparsity).check()
+
+
+def cmd_export(args) -> dict:
+    from . import data, export, models
+
+    if (args.prune is None) == (args.quant is None):
+        raise BadInputError("shrink export needs exactly one of --prune PRUNER:SPARSITY (e.g. wanda:0.5) or "
+                            f"--quant RECIPE ({', '.join(QUANT_RECIPES)}).")
+    if args.quant is not None and args.quant not in QUANT_RECIPES:
+        raise BadInputError(f"--quant {args.quant!r} is not a recipe; use one of {', '.join(QUANT_RECIPES)}.")
+    spec = _parse_prune(args.prune) if args.prune is not None else None
+    export.check_out_dir(args.out_dir, args.overwrite)  # before any compute: a bad folder costs nothing
+    model, tok = models.load(args.model)
+    if spec is not None:
+        from .pruning import prune_model
+        from .pruning.export import export_pruned
+
+        calib = data.calibration_set(tok, nsamples=args.calib, seqlen=args.seqlen)
+        res = prune_model(model, calib, spec, verbose=False)
+        man = export_pruned(model, res.masks, args.out_dir, tokenizer=tok, overwrite=True,
+                            what={"prune_spec": {"pruner": spec.pruner, "sparsity": spec.sparsity,
+                                                 "pattern": spec.pattern, "scheme": spec.scheme},
+                                  "calibration": ["wikitext2", "validation", args.calib, args.seqlen]})
+    else:
+        from .quant import QuantSpec
+        from .quant.export import export_quantized
+
+        gran, bits, acts = QUANT_RECIPES[args.quant]
+        w = QuantSpec(bits=bits, granularity=gran, group_size=128 if args.quant == "w4g128" else 32)
+        a = QuantSpec(bits=8, granularity="token") if acts else None
+        man = export_quantized(model, args.out_dir, w, a, tokenizer=tok, overwrite=True, what={"recipe": args.quant})
+    what = man["what"]
+    return {"out_dir": str(args.out_dir), "kind": what["kind"], "sparsity": what.get("sparsity"),
+            "format": what.get("format"), "files": man["files"]}
 
 
 def cmd_info(_args) -> dict:
@@ -218,11 +273,20 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--log-output", action="store_true")
     c = sub.add_parser("check", help="exit 2 unless every executed notebook given is complete")
     c.add_argument("paths", nargs="+")
+    e = sub.add_parser("export", help="save a pruned or quantized model that transformers (and vLLM) reload")
+    e.add_argument("out_dir")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--prune", default=None, help="PRUNER:SPARSITY or PRUNER:N:M (magnitude, wanda, sparsegpt)")
+    e.add_argument("--quant", default=None, help=f"recipe: {', '.join(QUANT_RECIPES)}")
+    e.add_argument("--calib", type=int, default=16, help="calibration windows (pruning)")
+    e.add_argument("--seqlen", type=int, default=256)
+    e.add_argument("--overwrite", action="store_true")
     from .selection.cli import add_parser as _select_parser, cmd_select
     _select_parser(sub)
     args = p.parse_args(argv)
     try:
-        result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check, "select": cmd_select}[args.cmd](args)
+        result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check, "select": cmd_select,
+                  "export": cmd_export}[args.cmd](args)
         text = json.dumps(result, indent=1, default=str, allow_nan=False)
     except ShrinkError as exc:
         _print({"error": type(exc).__name__, "message": str(exc)})
