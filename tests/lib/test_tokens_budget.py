@@ -58,3 +58,19 @@ def test_bad_budget_inputs():
         B._check_schedule([(3, 0.5), (2, 0.4)], 10)
     with pytest.raises(ShrinkError, match="not increase"):
         B._check_schedule([(2, 0.4), (3, 0.5)], 10)
+
+
+def test_search_is_seeded_and_its_trials_meet_the_budget(one_thread):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(1)
+    deep = LlamaForCausalLM(cfg).eval()
+    wins = [_ids(24, s) for s in range(2)]
+    a = B.search(deep, wins, 16, layers=(1, 3), target=0.6, n_trials=5, seed=3)
+    b = B.search(deep, wins, 16, layers=(1, 3), target=0.6, n_trials=5, seed=3)
+    assert a["trials"] == b["trials"]
+    for t in a["trials"]:
+        if t["feasible"]:
+            assert B.mean_kept_fraction(list(zip((1, 3), t["ratios"])), 6) == pytest.approx(0.6)
+            assert t["ratios"][1] <= t["ratios"][0] + 1e-12

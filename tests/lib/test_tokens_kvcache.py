@@ -51,3 +51,45 @@ def test_bad_eviction_arguments(kw, match, one_thread):
     model, _ = M.load("tiny-llama")
     with pytest.raises(ShrinkError, match=match):
         KV.streaming_nll(model, _ids(12), **kw)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama3"])
+def test_one_pass_simulation_equals_the_cache_based_run(name, one_thread):
+    # an independent implementation (masks over all decoded rows, block by block) against the real
+    # DynamicCache eviction, with evictions both right after the prompt and during decoding
+    model, _ = M.load(name)
+    ids = _ids(36, 1)
+    for policy, kw in [("none", {}), ("streaming", {"budget": 10, "sink": 3}), ("streaming", {"budget": 9, "sink": 0}),
+                       ("h2o", {"budget": 12, "heavy": 5}), ("random", {"budget": 9, "heavy": 4, "seed": 2})]:
+        for p in (6, 18):
+            a = KV.streaming_nll(model, ids, policy=policy, prefill=p, return_logp=True, **kw)
+            b = KV.simulate_nll(model, ids, policy=policy, prefill=p, return_logp=True, **kw)
+            assert len(a["decoded_nll"]) == len(b["decoded_nll"]) == 36 - 1 - p
+            assert max(abs(x - y) for x, y in zip(a["decoded_nll"], b["decoded_nll"])) < 1e-4, (policy, p)
+            assert (a["logp"] - b["logp"]).abs().max() < 1e-4
+            assert a["kept_positions"] == b["kept_positions"] and a["max_cache"] == b["max_cache"]
+
+
+def test_prefill_up_to_the_budget_equals_token_by_token(one_thread):
+    model, _ = M.load("tiny-llama3")
+    ids = _ids(30, 2)
+    for policy, kw in [("streaming", {"budget": 12, "sink": 2}), ("h2o", {"budget": 12, "heavy": 4}),
+                       ("random", {"budget": 12, "heavy": 4, "seed": 5})]:
+        tok = KV.streaming_nll(model, ids, policy=policy, **kw)
+        pre = KV.streaming_nll(model, ids, policy=policy, prefill=10, **kw)   # no eviction before step 12
+        assert max(abs(x - y) for x, y in zip(tok["nll"], pre["nll"])) < 1e-4
+        assert tok["kept_positions"] == pre["kept_positions"]
+
+
+def test_random_eviction_depends_on_its_seed_only(one_thread):
+    model, _ = M.load("tiny-llama3")
+    ids = _ids(30, 3)
+    a = KV.simulate_nll(model, ids, policy="random", budget=8, heavy=4, prefill=12, seed=0)
+    b = KV.simulate_nll(model, ids, policy="random", budget=8, heavy=4, prefill=12, seed=0)
+    c = KV.simulate_nll(model, ids, policy="random", budget=8, heavy=4, prefill=12, seed=1)
+    assert a["decoded_nll"] == b["decoded_nll"] and a["kept_positions"] != c["kept_positions"]
+    assert a["kept_positions"][-4:] == [25, 26, 27, 28]          # the recent window is never evicted
+    with pytest.raises(ShrinkError, match="prefill=0 must be an integer in"):
+        KV.simulate_nll(model, ids, policy="none", prefill=0)
+    with pytest.raises(ShrinkError, match="random needs heavy="):
+        KV.simulate_nll(model, ids, policy="random", budget=8, prefill=4)

@@ -316,3 +316,216 @@ def time_prefill(model, input_ids: torch.Tensor, *, keeps=(0.5, 0.25), prune_at:
                                                                                 prune_at))["total"]
                            / F.model_flops(model, [t] * n_layers)["total"]}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache eviction bench (03g)
+# --------------------------------------------------------------------------------------------------
+class KVBench:
+    """SmolLM2 windows with a full-cache prompt and decoding under an evicted KV cache (H2O / StreamingLLM /
+    recent-only / random), every policy and budget on the same windows (paired).
+
+    One record per ``cfg.chunk`` windows holds, per configuration label and window, the mean decoded NLL,
+    the mean KL divergence ``KL(p_full ‖ p_evicted)`` of the next-token distributions and the top-1
+    agreement with the full cache (the greedy continuation's next token, teacher-forced). The prompt state
+    (:func:`shrink.tokens.kvcache.prompt_state`) is computed once per window and shared by every
+    configuration.
+
+    Introduced in: notebooks/03-tokens/03g-kv-eviction.md
+    """
+
+    def __init__(self, cfg, scale: str, model=None, tokenizer=None):
+        self.cfg, self.scale = cfg, scale
+        if model is None:
+            model, tokenizer = models.load(cfg.model)
+        self.model, self.tok = model, tokenizer
+        self.wins = windows(self.tok, cfg.corpus, cfg.split, cfg.windows, cfg.length)
+
+    def configs(self) -> dict[str, dict]:
+        """``label -> streaming-policy kwargs`` of every configuration the bench runs."""
+        c = self.cfg
+        out = {"none": {"policy": "none"}}
+        for b in c.budgets:
+            heavy = int(round(c.heavy_share * b))
+            out[f"streaming-{b}"] = {"policy": "streaming", "budget": b, "sink": c.sink}
+            out[f"recent-{b}"] = {"policy": "streaming", "budget": b, "sink": 0}
+            out[f"h2o-{b}"] = {"policy": "h2o", "budget": b, "heavy": heavy}
+            if b in c.random_budgets:
+                for s in c.seeds:
+                    out[f"random-{b}-s{s}"] = {"policy": "random", "budget": b, "heavy": heavy, "seed": s}
+        return out
+
+    def _chunk(self, j: int) -> dict:
+        from . import kvcache as KV
+
+        c = self.cfg
+        idx = list(range(j * c.chunk, min((j + 1) * c.chunk, len(self.wins))))
+        conf = {"model": c.model, "corpus": c.corpus, "split": c.split, "windows": c.windows, "length": c.length,
+                "prefill": c.prefill, "chunk": idx, "configs": self.configs()}
+
+        @torch.no_grad()
+        def fn():
+            out = {label: {"nll": [], "kl": [], "top1": []} for label in conf["configs"]}
+            t0 = time.perf_counter()
+            for i in idx:
+                x = self.wins[i]
+                pr = KV.prompt_state(self.model, x, c.prefill)
+                ref = None
+                for label, kw in conf["configs"].items():
+                    r = KV.simulate_nll(self.model, x, prefill=c.prefill, prompt=pr, return_logp=True, **kw)
+                    lp = r["logp"]
+                    if ref is None:          # "none" comes first: the full-cache reference
+                        ref = lp
+                    kl = (ref.exp() * (ref - lp)).sum(-1)
+                    out[label]["nll"].append(r["decoded_mean"])
+                    out[label]["kl"].append(float(kl.mean()))
+                    out[label]["top1"].append(float((lp.argmax(-1) == ref.argmax(-1)).float().mean()))
+            return {"per_config": out, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+        return results.cached("kv-chunk", conf, fn, scale=self.scale, chapter=CHAPTER)
+
+    def run(self) -> dict:
+        """``{label: {"nll": [per window], "kl": [...], "top1": [...]}}`` over all windows, and the compute
+        seconds the records took."""
+        c = self.cfg
+        n_chunks = (len(self.wins) + c.chunk - 1) // c.chunk
+        merged: dict = {}
+        seconds = 0.0
+        for j in range(n_chunks):
+            rec = self._chunk(j)
+            seconds += rec["seconds"]
+            for label, d in rec["per_config"].items():
+                m = merged.setdefault(label, {"nll": [], "kl": [], "top1": []})
+                for k in m:
+                    m[k].extend(d[k])
+        return {"per_config": merged, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned budgets (03h): VFlowOpt-style search on validation windows, evaluation on test windows; ATP
+# --------------------------------------------------------------------------------------------------
+class BudgetBench:
+    """Per-layer keep schedules of SmolLM2's prefill: searched (Optuna TPE, :func:`shrink.tokens.budget.search`,
+    one record per search seed) on ``cfg.search_windows`` validation windows, and evaluated — continuation NLL
+    increase over the unpruned prefill, paired over windows — on ``cfg.eval_windows`` **test** windows never
+    searched on. ATP-style thresholds on the encoder: :meth:`atp`.
+
+    Introduced in: notebooks/03-tokens/03h-learned-budgets.md
+    """
+
+    def __init__(self, cfg, scale: str, model=None, tokenizer=None):
+        self.cfg, self.scale = cfg, scale
+        if model is None:
+            model, tokenizer = models.load(cfg.model)
+        self.model, self.tok = model, tokenizer
+        n = cfg.context + cfg.continuation
+        self.search_wins = windows(self.tok, cfg.corpus, cfg.search_split, cfg.search_windows, n)
+        self.eval_wins = windows(self.tok, cfg.corpus, cfg.eval_split, cfg.eval_windows, n)
+        self.n_layers = len(D.blocks(self.model))
+
+    def _base(self) -> dict:
+        c = self.cfg
+        return {"model": c.model, "corpus": c.corpus, "context": c.context, "continuation": c.continuation,
+                "method": c.method}
+
+    def search(self, seed: int) -> dict:
+        from . import budget as B
+
+        c = self.cfg
+        conf = {**self._base(), "split": c.search_split, "windows": c.search_windows, "layers": list(c.layers),
+                "target": c.target, "n_trials": c.n_trials, "seed": seed}
+
+        def fn():
+            t0 = time.perf_counter()
+            out = B.search(self.model, self.search_wins, c.context, layers=c.layers, target=c.target,
+                           n_trials=c.n_trials, seed=seed, method=c.method)
+            out["seconds"] = time.perf_counter() - t0
+            return out
+        return results.cached("budget-search", conf, fn, scale=self.scale, chapter=CHAPTER)
+
+    def hand_set(self) -> dict[str, list]:
+        """The hand-set schedules at the target mean: one pruning point at ``layers[0]``, and two points with
+        ``hand_first`` at ``layers[0]`` and the second ratio solved."""
+        from . import budget as B
+
+        c = self.cfg
+        f1 = B.solve_last(list(c.layers[:1]), [], c.target, self.n_layers)
+        out = {f"one point (block {c.layers[0]})": [(c.layers[0], f1)]}
+        if len(c.layers) > 1:
+            last = B.solve_last(list(c.layers[:2]), [c.hand_first], c.target, self.n_layers)
+            out[f"two points, first {c.hand_first}"] = [(c.layers[0], c.hand_first), (c.layers[1], last)]
+        return out
+
+    def evaluate(self, schedule: list) -> dict:
+        """Per test window: the continuation NLL and the cosine of the last token's final hidden state to the
+        unpruned one, for ``schedule`` ``[(K, f), ...]`` (``[]``: the unpruned prefill, cosine 1)."""
+        from . import budget as B
+
+        c = self.cfg
+        sched = [(int(k), round(float(f), 6)) for k, f in schedule]
+        conf = {**self._base(), "split": c.eval_split, "windows": c.eval_windows, "schedule": sched}
+
+        @torch.no_grad()
+        def fn():
+            nll, cos = [], []
+            for i, x in enumerate(self.eval_wins):
+                h, _ = B.prefill_schedule(self.model, x, c.context, sched or [(1, 1.0)], method=c.method)
+                logits = self.model.lm_head(h[:, -c.continuation - 1:])
+                nll.append(float(D.continuation_nll(logits, x, c.context)[0]))
+                ref = h[0, -1] if not sched else self._ref_last(i)
+                cos.append(float(torch.nn.functional.cosine_similarity(h[0, -1].float(), ref.float(), dim=0)))
+            return {"nll": nll, "cos": cos}
+        return results.cached("budget-eval", conf, fn, scale=self.scale, chapter=CHAPTER)
+
+    @torch.no_grad()
+    def _ref_last(self, i: int) -> torch.Tensor:
+        from . import budget as B
+
+        if not hasattr(self, "_refs"):
+            self._refs = {}
+        if i not in self._refs:
+            self._refs[i] = B.prefill_schedule(self.model, self.eval_wins[i], self.cfg.context, [(1, 1.0)])[0][0, -1]
+        return self._refs[i]
+
+    def atp(self, seed: int) -> dict:
+        """ATP-style thresholds trained (``shrink.train`` via :func:`shrink.tokens.adaptive.train_atp`) on
+        validation passages, evaluated hard on the test passages, next to the fixed-ratio top-k with the
+        same score, pruning points and per-point mean kept fraction (the non-adaptive baseline)."""
+        from . import adaptive as A
+
+        c = self.cfg
+        conf = {"encoder": c.encoder, "corpus": c.corpus, "train_split": c.search_split, "test_split": c.eval_split,
+                "train_passages": c.train_passages, "test_passages": c.test_passages, "min_tokens": c.min_tokens,
+                "max_tokens": c.max_tokens, "layers": list(c.atp_layers), "target": c.atp_target,
+                "steps": c.atp_steps, "batch": c.atp_batch, "lr": c.atp_lr, "tau": c.atp_tau, "lambda": c.atp_lambda,
+                "hidden": c.atp_hidden, "seed": seed}
+
+        def fn():
+            enc, tok = models.load(c.encoder)
+            tr = passages(tok, c.corpus, c.search_split, n=c.train_passages, min_tokens=c.min_tokens,
+                          max_tokens=c.max_tokens, seed=0)
+            te = passages(tok, c.corpus, c.eval_split, n=c.test_passages, min_tokens=c.min_tokens,
+                          max_tokens=c.max_tokens, seed=0)
+            with torch.no_grad():
+                ref_tr = torch.cat([E.encode(enc, x).embedding for x in tr])
+                ref_te = torch.cat([E.encode(enc, x).embedding for x in te])
+            atp = A.ATP(enc, c.atp_layers, hidden=c.atp_hidden, tau=c.atp_tau, seed=seed)
+            t0 = time.perf_counter()
+            res = A.train_atp(atp, tr, ref_tr, target=c.atp_target, lam=c.atp_lambda, steps=c.atp_steps,
+                              batch=c.atp_batch, lr=c.atp_lr, seed=seed)
+            train_s = time.perf_counter() - t0
+            with torch.no_grad():
+                hard = [atp(x, mode="hard") for x in te]
+                lengths = [int(x.shape[1]) for x in te]
+                li = [atp.layers[j] for j in range(len(atp.layers))]
+                frac = [[o.counts[k] / n for k in li] for o, n in zip(hard, lengths)]
+                ratios = [statistics.fmean(f[j] for f in frac) for j in range(len(li))]
+                fixed = [atp(x, mode="fixed", ratios=ratios) for x in te]
+                cos_h = E.embedding_cosine(torch.cat([o.embedding for o in hard]), ref_te).tolist()
+                cos_f = E.embedding_cosine(torch.cat([o.embedding for o in fixed]), ref_te).tolist()
+            return {"history": res.history, "train_seconds": train_s, "lengths": lengths,
+                    "counts": [o.counts for o in hard], "budget": [o.budget for o in hard],
+                    "thresholds": [[float(t) for t in o.thresholds] for o in hard],
+                    "fixed_ratios": ratios, "fixed_budget": [o.budget for o in fixed],
+                    "cos_atp": cos_h, "cos_fixed": cos_f}
+        return results.cached("atp", conf, fn, scale=self.scale, chapter=CHAPTER)
+

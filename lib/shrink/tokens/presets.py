@@ -189,7 +189,7 @@ class TokensKVPreset(Preset):
     split: str = "test"
     windows: int = 32
     length: int = 512
-    prefill: int = 448
+    prefill: int = 480                # 31 decoded tokens per window (the CPU budget: decoding dominates)
     budgets: tuple = (64, 128, 256)
     sink: int = 4                     # StreamingLLM's attention sinks
     heavy_share: float = 0.5          # H2O: heavy hitters = share x budget, the rest recent (heavy_ratio = recent_ratio)
@@ -232,13 +232,14 @@ class TokensBudgetPreset(Preset):
     corpus: str = "wikitext2"
     search_split: str = "validation"
     eval_split: str = "test"
-    search_windows: int = 8
+    search_windows: int = 4
     eval_windows: int = 32
     context: int = 256
     continuation: int = 48
     layers: tuple = (3, 9)            # progressive pruning points (blocks); the last ratio is solved
     target: float = 0.5               # mean kept fraction over all blocks
-    n_trials: int = 16
+    hand_first: float = 0.6           # the hand-set two-point schedule's first ratio (the second is solved)
+    n_trials: int = 10
     search_seeds: tuple = (0, 1, 2)
     method: str = "last"
     # ATP on the encoder
@@ -249,7 +250,7 @@ class TokensBudgetPreset(Preset):
     max_tokens: int = 128
     atp_layers: tuple = (2, 3, 4)     # blocks before which tokens are dropped
     atp_target: float = 0.6           # mean kept fraction over all blocks
-    atp_steps: int = 150
+    atp_steps: int = 100
     atp_batch: int = 8
     atp_lr: float = 3e-3
     atp_tau: float = 4.0
