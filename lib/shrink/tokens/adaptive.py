@@ -83,10 +83,12 @@ class ATP(nn.Module):
         tau: soft-mask temperature.
         protected: original token indices never dropped ([CLS] = 0, [SEP] = -1).
         seed: seeds the MLPs' first-layer initialisation.
+        theta0: initial threshold (the last layer starts at 0 weight and this bias): below 0 keeps more
+            than the above-uniform tokens at the start, so the budget loss does not dominate the first steps.
     """
 
     def __init__(self, encoder: nn.Module, layers=(2, 3, 4), *, hidden: int = 16, tau: float = 4.0,
-                 protected=(0, -1), seed: int = 0):
+                 protected=(0, -1), seed: int = 0, theta0: float = 0.0):
         super().__init__()
         if not is_encoder(encoder):
             raise TokenInputError("ATP thresholds run on a BERT encoder (minilm, tiny-bert)")
@@ -109,7 +111,7 @@ class ATP(nn.Module):
                 mlp[0].weight.copy_((torch.rand(hidden, N_FEATURES, generator=g) * 2 - 1) / N_FEATURES ** 0.5)
                 mlp[0].bias.zero_()
             nn.init.zeros_(mlp[2].weight)
-            nn.init.zeros_(mlp[2].bias)      # θ = 0 at start: keep the tokens with above-uniform attention
+            nn.init.constant_(mlp[2].bias, float(theta0))   # θ = theta0 for every input at the start
             self.thresholds.append(mlp)
 
     def train(self, mode: bool = True):

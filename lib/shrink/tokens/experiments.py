@@ -497,7 +497,7 @@ class BudgetBench:
                 "train_passages": c.train_passages, "test_passages": c.test_passages, "min_tokens": c.min_tokens,
                 "max_tokens": c.max_tokens, "layers": list(c.atp_layers), "target": c.atp_target,
                 "steps": c.atp_steps, "batch": c.atp_batch, "lr": c.atp_lr, "tau": c.atp_tau, "lambda": c.atp_lambda,
-                "hidden": c.atp_hidden, "seed": seed}
+                "hidden": c.atp_hidden, "theta0": c.atp_theta0, "seed": seed}
 
         def fn():
             enc, tok = models.load(c.encoder)
@@ -508,7 +508,7 @@ class BudgetBench:
             with torch.no_grad():
                 ref_tr = torch.cat([E.encode(enc, x).embedding for x in tr])
                 ref_te = torch.cat([E.encode(enc, x).embedding for x in te])
-            atp = A.ATP(enc, c.atp_layers, hidden=c.atp_hidden, tau=c.atp_tau, seed=seed)
+            atp = A.ATP(enc, c.atp_layers, hidden=c.atp_hidden, tau=c.atp_tau, seed=seed, theta0=c.atp_theta0)
             t0 = time.perf_counter()
             res = A.train_atp(atp, tr, ref_tr, target=c.atp_target, lam=c.atp_lambda, steps=c.atp_steps,
                               batch=c.atp_batch, lr=c.atp_lr, seed=seed)

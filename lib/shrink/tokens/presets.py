@@ -252,7 +252,8 @@ class TokensBudgetPreset(Preset):
     atp_target: float = 0.6           # mean kept fraction over all blocks
     atp_steps: int = 100
     atp_batch: int = 8
-    atp_lr: float = 3e-3
+    atp_lr: float = 1e-2
+    atp_theta0: float = -1.0          # initial threshold (pilot: from 0 the budget term dominated, cos 0.54)
     atp_tau: float = 4.0
     atp_lambda: float = 20.0
     atp_hidden: int = 16
