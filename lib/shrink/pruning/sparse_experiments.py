@@ -34,7 +34,6 @@ the dense run + the calibration forwards (+ the reconstruction's block steps).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from ..scales import Preset, PresetError, register
 from .masks import MaskSet
 from .reconstruct import ReconConfig
 from .sequential import PRUNERS, SCHEMES, PruneSpec, prune_model
-from .training import ALGORITHMS, SparseUpdater, allocation, keep_top
+from .training import SparseUpdater, allocation, keep_top
 
 CHAPTER = "01-weights"
 #: algorithms trained with a SparseUpdater here (plus "dense")
@@ -344,12 +343,14 @@ _TINY = dict(model="tiny-llama", batch_size=2, seqlen=32, steps=16, lr=3e-3, war
 # cpu: byte-llama, 100 steps of 8 x 128 bytes (~0.2 s/step on an idle core: ~25 s per run with its evaluation;
 # 2-4x that on the shared 2-core machine, which is what sized the grid)
 _CPU = dict(model="byte-llama")
-_PAPER_NOTE = "paper scale is not run here (JaxPruner: T5-Base on C4, 100k steps, TPU)"
-_ZOO_CPU_GRID = (tuple((a, 0.8, "uniform", _S3) for a in _ALL80)
-                 + (("gmp", 0.5, "uniform", _S3), ("rigl", 0.5, "uniform", _S3),
-                    ("rigl", 0.8, "erk", _S3), ("static", 0.8, "erk", (0,)),
-                    ("gmp", 0.9, "uniform", (0,)), ("rigl", 0.9, "uniform", (0,))))
-_ZOO_CPU_ONESHOT = (("magnitude", "LR", 0.8, _S3), ("magnitude", "LR", 0.5, _S3), ("magnitude", "LR", 0.9, (0,)))
+# paper: the cpu grid (JaxPruner's T5-Base on C4, 100k steps on TPUs, is not run here)
+# The cpu grid is what the shared 2-core machine finished before the deadline (runs took 2-4 min of wall time
+# each under contention, against ~25 s alone): every core method on three seeds at 80 %, STE/SET/LTH, RigL+ERK
+# and the 50 % cells on seed 0 only (the notebooks say so). More seeds: add them here; missing records compute.
+_ZOO_CPU_GRID = (tuple((a, 0.8, "uniform", _S3) for a in ("random", "static", "gmp", "rigl"))
+                 + tuple((a, 0.8, "uniform", (0,)) for a in ("ste", "set", "lth"))
+                 + (("rigl", 0.8, "erk", (0,)), ("gmp", 0.5, "uniform", (0,)), ("rigl", 0.5, "uniform", (0,))))
+_ZOO_CPU_ONESHOT = (("magnitude", "LR", 0.8, _S3), ("magnitude", "LR", 0.5, (0,)))
 _ZOO_TINY_GRID = (tuple((a, 0.8, "uniform", (0,)) for a in _ALL80)
                   + (("rigl", 0.8, "erk", (0,)), ("gmp", 0.5, "uniform", (0,))))
 register("sparse-zoo", {
@@ -358,12 +359,13 @@ register("sparse-zoo", {
     "paper": ZooPreset(**_CPU, grid=_ZOO_CPU_GRID, oneshot=_ZOO_CPU_ONESHOT),
 })
 
-_OS = tuple((p, sch, sp, _S3) for sp in (0.5, 0.8) for p in PRUNERS for sch in ("LR", "BR+GP"))
+_OS = (tuple((p, sch, 0.8, _S3) for p in PRUNERS for sch in ("LR", "BR+GP"))
+       + tuple((p, sch, 0.5, (0,)) for p in PRUNERS for sch in ("LR", "BR+GP")))
+_OS_GRID = (("gmp", 0.8, "uniform", _S3), ("rigl", 0.8, "uniform", _S3), ("gmp", 0.5, "uniform", (0,)),
+            ("rigl", 0.5, "uniform", (0,)))
 register("sparse-oneshot", {
     "tiny": ZooPreset(**_TINY, grid=(("gmp", 0.8, "uniform", (0,)), ("rigl", 0.8, "uniform", (0,))),
                       oneshot=tuple((p, sch, 0.8, (0,)) for p in PRUNERS for sch in ("LR", "BR+GP"))),
-    "cpu": ZooPreset(**_CPU, grid=tuple((a, sp, "uniform", _S3) for sp in (0.5, 0.8) for a in ("gmp", "rigl")),
-                     oneshot=_OS),
-    "paper": ZooPreset(**_CPU, grid=tuple((a, sp, "uniform", _S3) for sp in (0.5, 0.8) for a in ("gmp", "rigl")),
-                       oneshot=_OS),
+    "cpu": ZooPreset(**_CPU, grid=_OS_GRID, oneshot=_OS),
+    "paper": ZooPreset(**_CPU, grid=_OS_GRID, oneshot=_OS),
 })
