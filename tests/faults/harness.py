@@ -175,3 +175,17 @@ def tiny_notebook(path: Path, body: str = "x = 1", sanity: str = "assert x == 1"
     text += f"```{{code-cell}} ipython3\n{sanity}\n```\n\n## Summary\n\nDone.\n"
     path.write_text(text)
     return path
+
+
+def assert_clear(fn, *names) -> None:
+    """Call ``fn``; it must raise a ShrinkError whose message is ``clear`` (names ``names`` and says the fix).
+
+    The plain-test rows of the per-chapter fault files use this instead of a catalogue :class:`Row`."""
+    import pytest
+
+    from shrink.errors import ShrinkError
+
+    with pytest.raises(ShrinkError) as info:
+        fn()
+    out = classify_exception(info.value, names)
+    assert out.cls == "clear", out.detail

@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import classify_exception  # noqa: E402
+from harness import assert_clear as _clear  # noqa: E402
 
-from shrink.errors import ShrinkError  # noqa: E402
 from shrink.selection import DSIR, Featurizer, gumbel_topk, metrics, pools, topk  # noqa: E402
 
 TEXTS = [("the cat sat on the mat . " * 30), ("a dog ran in the park ! " * 30), ("one two three four " * 40)]
 
 
-def _clear(fn, *names):
-    with pytest.raises(ShrinkError) as info:
-        fn()
-    out = classify_exception(info.value, names)
-    assert out.cls == "clear", out.detail
 
 
 def test_k_larger_than_pool():

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import classify_exception  # noqa: E402
+from harness import assert_clear as _clear  # noqa: E402
 
-from shrink.errors import ShrinkError  # noqa: E402
 from shrink.pruning import MaskSet  # noqa: E402
 from shrink.pruning import training as T  # noqa: E402
 
@@ -21,11 +20,6 @@ def mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
 
 
-def _clear(fn, *names):
-    with pytest.raises(ShrinkError) as info:
-        fn()
-    out = classify_exception(info.value, names)
-    assert out.cls == "clear", out.detail
 
 
 def make(**kw):

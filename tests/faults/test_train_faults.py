@@ -9,18 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import classify_exception  # noqa: E402
+from harness import assert_clear as _clear  # noqa: E402
 
 from shrink import models  # noqa: E402
 from shrink import train as T  # noqa: E402
-from shrink.errors import ShrinkError  # noqa: E402
 
 
-def _clear(fn, *names):
-    with pytest.raises(ShrinkError) as info:
-        fn()
-    out = classify_exception(info.value, names)
-    assert out.cls == "clear", out.detail
 
 
 def _batches():
