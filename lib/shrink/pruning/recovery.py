@@ -146,13 +146,12 @@ register("pruning-recovery", {
     # cpu: SmolLM2-135M, 50 % unstructured on the 7 linears x 30 blocks; Wanda's calibration as 01b (16 x 256
     # WikiText-2 validation tokens); 16 AdamW steps x 2 x 128 WikiText-2 validation tokens (4,096 tokens) for
     # every method; GMP's updates at steps 0, 2, ..., 12 (75 %); test perplexity on 4 x 512 WikiText-2 test
-    # tokens (01a/01b's windows). The records were made on a shared 2-core machine under a load average of
-    # 12-17, where one full AdamW step took about 44 s (5.7 tokens/s against about 124 on an idle core), a
-    # Wanda prune about 500 s and an evaluation 74 s; only the seeds listed here finished in the session
-    # (three seeds of none / fixed / gmp and LoRA + the dense control on the first seed: an estimated 10 min on
-    # an idle core; add them back with `seeds=(0, 1, 2), control_methods=("lora", "dense-ft")`).
+    # tokens (01a/01b's windows). Three seeds of none / fixed / gmp, LoRA and the dense control on the first
+    # seed (an estimated 10 min on an idle core). The records were made on a shared 2-core machine whose load
+    # average went from about 15 to 2 during the run: one full AdamW step took 44 s at load 15 and 8 s at load
+    # 2 (the records keep seconds, tokens/s and the load average of each run).
     "cpu": RecoveryPreset(model="smollm2-135m", steps=16, warmup=2, gmp_end=12, gmp_every=2, rigl_every=4,
-                          seeds=(0,), methods=("none", "fixed", "gmp"), control_methods=()),
+                          seeds=(0, 1, 2), methods=("none", "fixed", "gmp"), control_methods=("lora", "dense-ft")),
     "paper": RecoveryPreset(model="huggyllama/llama-7b", calib_corpus="c4", calib_split="train",
                             calib_nsamples=128, calib_seqlen=2048, train_corpus="c4", train_split="train",
                             eval_seqlen=2048, eval_windows=None, steps=1000, batch_size=8, seqlen=1024, lr=2e-5,
