@@ -14,6 +14,7 @@ lm_head and the embeddings stay fp32 (as in the bits chapter), so the memory col
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -64,8 +65,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     fp, tok = models.load()
-    fake, _ = models.load()
-    real, _ = models.load()
+    fake, real = copy.deepcopy(fp), copy.deepcopy(fp)  # one load, three variants
     wrap_model(fake, W, A)
     wrap_model(real, W, A)
     mem = to_int8(real)
