@@ -260,3 +260,6 @@ register("recovery", {
                             warmup=10, max_prompt=256, max_response=256, eval_seqlen=2048, eval_windows=None,
                             nll_per_source=200, n_clusters=10, kmq_ks=(256, 512, 1024), full_seeds=(0,)),
 })
+
+# The Q-Tuning preset (04e) lives beside its experiment functions; importing it here registers it with the rest.
+from . import qtuning_experiment  # noqa: E402,F401
