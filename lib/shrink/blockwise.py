@@ -73,11 +73,14 @@ def block_error(sparse: torch.Tensor, dense: torch.Tensor, chunk: int = 8) -> di
 
 @torch.no_grad()
 def map_block(runner: BlockRunner, i: int, x: torch.Tensor, batch: int, block: nn.Module | None = None,
-              out_device=None, on_batch=None) -> torch.Tensor:
-    """Run block ``i`` over ``x`` ``[N, T, D]`` in chunks of ``batch`` -> ``[N, T, D]`` on ``x``'s device."""
+              out_device=None, on_batch=None, before_batch=None) -> torch.Tensor:
+    """Run block ``i`` over ``x`` ``[N, T, D]`` in chunks of ``batch`` -> ``[N, T, D]`` on ``x``'s device
+    (``before_batch(s)`` / ``on_batch(s)`` are called before / after the chunk starting at sequence ``s``)."""
     dev = runner.device
     out = torch.empty_like(x, device=out_device or x.device)
     for s in range(0, x.shape[0], batch):
+        if before_batch is not None:
+            before_batch(s)
         out[s:s + batch] = runner.run_block(i, x[s:s + batch].to(dev), block=block).to(out.device)
         if on_batch is not None:
             on_batch(s)
@@ -156,6 +159,7 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
                gp: bool = False, cr: bool = False, batch: int = 8,
                dense: list[torch.Tensor] | None = None, heldout_ids: torch.Tensor | None = None,
                dense_heldout: list[torch.Tensor] | None = None, act_device: str | torch.device = "cpu",
+               token_weights: Callable[[int, nn.Module, torch.Tensor], torch.Tensor] | None = None,
                verbose: bool = True) -> SequentialResult:
     """Compress a model block by block on two activation streams (see the module docstring).
 
@@ -174,6 +178,9 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
         dense, dense_heldout: caches from :func:`dense_streams` (optional).
         heldout_ids: int64 ``[Nh, Th]`` held-out windows for ``err_test`` per block (optional).
         act_device: where activation buffers live.
+        token_weights: ``(block index, block, calibration inputs [n_cal, T, D]) -> [n_cal, T]`` per-token weights
+            of the statistics (RSQ's ``H = sum_t r_t x_t x_t^T``), computed on the compressed stream before the
+            statistics forward of each block; None = unweighted (GPTQ, SparseGPT).
         verbose: one line per few blocks.
     """
     L = len(runner)
@@ -216,9 +223,14 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
             if hd is not None:
                 hd.ensure(b + 1)
             sc = StatsCollector(lin, hessian=hessian, enabled=needs_stats)
+            tw = token_weights(b, block, unit_in_b[:n_cal]) if (token_weights is not None and needs_stats) else None
+
+            def set_weights(s, sc=sc, tw=tw):
+                sc.token_weight = None if tw is None else tw[s:s + batch]
             if needs_stats or block_target:
                 with sc, torch.no_grad():  # statistics from the calibration sequences only (never the extra ones)
-                    out = map_block(runner, b, unit_in_b[:n_cal], batch, on_batch=lambda s: sc.end_batch())
+                    out = map_block(runner, b, unit_in_b[:n_cal], batch, on_batch=lambda s: sc.end_batch(),
+                                    before_batch=set_weights)
                 if block_target and ids.shape[0] > n_cal:
                     with torch.no_grad():
                         out = torch.cat([out, map_block(runner, b, unit_in_b[n_cal:], batch)])

@@ -83,10 +83,15 @@ class StatsCollector:
         with StatsCollector(linears, hessian=True) as sc:
             block(x)                  # any number of forwards
         sc.groups   # list of lists of names sharing one input;  sc.stats[name] -> InputStats (shared object)
+
+    Token weights (RSQ, ``H = sum_t r_t x_t x_t^T``): set ``sc.token_weight`` to a ``[B, T]`` tensor before a
+    forward whose linears see ``[B, T, d]`` inputs; every hooked linear then adds its batch with those weights
+    (:meth:`InputStats.add`); ``None`` (default) = unweighted.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], hessian: bool, enabled: bool = True):
         self.linears, self.hessian, self.enabled = linears, hessian, enabled
+        self.token_weight: torch.Tensor | None = None
         self.stats: dict[str, InputStats] = {}
         self._seen: dict[tuple, tuple] = {}
         self._handles: list = []
@@ -100,7 +105,11 @@ class StatsCollector:
             st = self._seen.get(key, (None,))[0]
             if st is None:
                 st = self.stats.get(name) or InputStats(x.shape[-1], self.hessian)
-                st.add(x.detach())
+                w = self.token_weight
+                if w is not None and tuple(w.shape) != tuple(x.shape[:-1]):
+                    raise OBSError(f"token_weight has shape {tuple(w.shape)} but {name} sees input "
+                                   f"{tuple(x.shape)}; set one weight per token of the current batch ([B, T])")
+                st.add(x.detach(), token_weight=w)
                 self._seen[key] = (st, x)  # keep x alive: its memory cannot be reused in this batch
             elif name in self.stats and self.stats[name] is not st:
                 raise RuntimeError(f"input sharing of {name} changed between forwards")

@@ -177,7 +177,7 @@ def decoder_weight_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: WeightQuantSpec, *,
-                   heldout_ids: torch.Tensor | None = None, verbose: bool = True) -> dict:
+                   heldout_ids: torch.Tensor | None = None, token_weights=None, verbose: bool = True) -> dict:
     """Quantize every decoder linear in place, block by block (GPTQ's sequential procedure).
 
     GPTQ's statistics come from the *quantized* stream (the inputs of block ``i`` are the outputs of the
@@ -189,6 +189,8 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
         calib_ids: int64 ``[N, T]`` calibration windows (required for GPTQ).
         spec: :class:`WeightQuantSpec`.
         heldout_ids: int64 ``[Nh, Th]`` for held-out block errors (optional).
+        token_weights: RSQ's per-token Hessian weights, ``(block index, block, inputs [N, T, D]) -> [N, T]``
+            (:func:`shrink.quant.rsq.token_weight_fn`); None = GPTQ (GPTQ only).
     Returns:
         ``{"spec", "blocks" (per-block App. A errors), "final", "times", "bits_per_weight"}``.
     """
@@ -196,6 +198,9 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
     from ..models import BlockRunner
 
     spec.check()
+    if token_weights is not None and spec.method != "gptq":
+        raise QuantError("token_weights (RSQ) weight GPTQ's Hessian; RTN uses no calibration statistics — use "
+                         "method='gptq' or drop token_weights")
     runner = BlockRunner(model)
     if calib_ids is None:
         if spec.method == "gptq":
@@ -224,7 +229,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
 
     seq = sequential(runner, calib_ids, calib_ids.shape[0], linears=decoder_weight_linears, compress=compress,
                      needs_stats=spec.method == "gptq", hessian=True, batch=spec.batch, heldout_ids=heldout_ids,
-                     verbose=verbose)
+                     token_weights=token_weights if spec.method == "gptq" else None, verbose=verbose)
     return {"spec": spec.to_dict(), "blocks": seq.blocks, "final": seq.blocks[-1],
             "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": spec.bits_per_weight()}
 

@@ -187,3 +187,27 @@ def _weight_only_presets() -> None:
 
 
 _weight_only_presets()
+
+
+# ---- RSQ: token-weighted GPTQ with rotation (notebook 02h, issue 15) -------------------------------------------
+def _rsq_presets() -> None:
+    from .rsq import RSQPreset
+
+    register("rsq", {
+        "tiny": RSQPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64, bits=(3,),
+                          grids=("channel",), calib_seeds=(0, 1, 2), seeded_cells=((3, "channel"),),
+                          cross_seeds=(0,)),
+        # cpu: 3-bit per channel, 8 x 256 calibration tokens per draw (02g: 16 x 512), 4 WikiText-2 test windows of
+        # 512, no second corpus; every strategy with and without rotation on 3 draws; cross-question on 2 draws
+        "cpu": RSQPreset(model="smollm2-135m", seqlen=512, windows=4, calib_nsamples=8, calib_seqlen=256, bits=(3,),
+                         grids=("channel",), seeded_cells=((3, "channel"),), with_ood=False, cross_seeds=(0, 1)),
+        # paper: RSQ scripts/run_rsq.sh (3-bit, rotation, 256 x 4096 calibration tokens, 3 seeds; min 0.005 max 1),
+        # here on WikiText-2 with LLaMA-3-8B (LLaMA-2-7B: paper_preset-style .with_(model=...))
+        "paper": RSQPreset(model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, ood_corpus="c4",
+                           ood_split="validation", calib_corpus="wikitext2", calib_split="train", calib_nsamples=256,
+                           calib_seqlen=4096, bits=(3, 4), grids=("channel", "g128"),
+                           seeded_cells=((3, "channel"),), rsq_grid="channel", cross_seeds=(0, 1, 2)),
+    })
+
+
+_rsq_presets()
