@@ -160,7 +160,7 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
                dense: list[torch.Tensor] | None = None, heldout_ids: torch.Tensor | None = None,
                dense_heldout: list[torch.Tensor] | None = None, act_device: str | torch.device = "cpu",
                token_weights: Callable[[int, nn.Module, torch.Tensor], torch.Tensor] | None = None,
-               verbose: bool = True) -> SequentialResult:
+               recon_heldout: bool = False, verbose: bool = True) -> SequentialResult:
     """Compress a model block by block on two activation streams (see the module docstring).
 
     Args:
@@ -181,9 +181,15 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
         token_weights: ``(block index, block, calibration inputs [n_cal, T, D]) -> [n_cal, T]`` per-token weights
             of the statistics (RSQ's ``H = sum_t r_t x_t x_t^T``), computed on the compressed stream before the
             statistics forward of each block; None = unweighted (GPTQ, SparseGPT).
+        recon_heldout: also pass ``heldout=(held-out unit input, held-out target)`` to ``reconstruct`` (the
+            held-out curve of :func:`shrink.reconstruction.fit_unit`): the target is the dense stream (GP) or
+            the still-uncompressed block on the held-out compressed stream (BR). Needs ``heldout_ids``; one-block
+            units only (not CR).
         verbose: one line per few blocks.
     """
     L = len(runner)
+    if recon_heldout and (heldout_ids is None or cr or reconstruct is None):
+        raise ValueError("recon_heldout needs heldout_ids, a reconstruct callback and one-block units (cr=False)")
     times = {"stats": 0.0, "solve": 0.0, "recon": 0.0, "eval": 0.0}
     t_all = time.perf_counter()
 
@@ -206,7 +212,7 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
     for unit, done in zip(units, done_after):
         # --- compress the unit's new block (at most one per unit) ------------------------------------
         unit_in = cur_in
-        br_target = None
+        br_target = h_target = None
         for pos, b in enumerate(unit):
             if pos > 0:  # input of the second block of a CR window: first block (current state) on the stream
                 t0 = time.perf_counter()
@@ -236,6 +242,9 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
                         out = torch.cat([out, map_block(runner, b, unit_in_b[n_cal:], batch)])
                 if block_target:
                     br_target = out
+                    if recon_heldout:
+                        with torch.no_grad():
+                            h_target = map_block(runner, b, hx, batch)
             times["stats"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -246,7 +255,11 @@ def sequential(runner: BlockRunner, ids: torch.Tensor, n_cal: int, *,
         if reconstruct is not None:
             target = dstream[unit[-1] + 1] if gp else br_target
             t0 = time.perf_counter()
-            losses.append(reconstruct(unit, unit_in, target))
+            if recon_heldout:
+                h_t = hd[unit[-1] + 1] if gp else h_target
+                losses.append(reconstruct(unit, unit_in, target, heldout=(hx, h_t)))
+            else:
+                losses.append(reconstruct(unit, unit_in, target))
             times["recon"] += time.perf_counter() - t0
         # --- finalise a block: advance the compressed streams and log errors --------------------------
         if done is None:

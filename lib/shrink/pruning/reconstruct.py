@@ -1,6 +1,7 @@
 """Block-wise reconstruction with a fixed mask (BR / GP / CR of Shin et al., EMNLP 2024, Sec. 3 and Eq. 2).
 
-``reconstruct`` minimises ``mean((f(x) - y)^2)`` over every parameter of the unit ``f`` (one decoder block for
+``reconstruct`` (the mask-keeping wrapper of the core :func:`shrink.reconstruction.fit_unit`, shared with
+FlexRound's learned rounding) minimises ``mean((f(x) - y)^2)`` over every parameter of the unit ``f`` (one decoder block for
 BR/GP, a window of two consecutive blocks for CR), where
 
 * ``x`` = sparse-stream input of the unit (output of the already pruned blocks),
@@ -22,13 +23,13 @@ token that dominates the loss on SmolLM2 (an RSQ-style token-weighted loss).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..reconstruction import FitConfig, fit_unit
 from .masks import MaskSet, PruningError
 
 
@@ -53,8 +54,14 @@ class ReconConfig:
 
 
 def reconstruct(unit: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], masks: MaskSet,
-                inputs: torch.Tensor, targets: torch.Tensor, cfg: ReconConfig) -> dict:
+                inputs: torch.Tensor, targets: torch.Tensor, cfg: ReconConfig, *,
+                heldout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_at: tuple[int, ...] = ()) -> dict:
     """Train ``params`` so that ``unit(inputs)`` matches ``targets`` with ``masks`` fixed.
+
+    The optimisation is the core :func:`shrink.reconstruction.fit_unit` (shared with FlexRound); this function
+    adds the mask (gradients of pruned weights zeroed by hooks, pruned weights re-zeroed after every step,
+    verified at the end) and the paper's epoch-based budget ``epochs * ceil(N / batch_size)`` steps with linear
+    decay.
 
     Args:
         unit: function ``[B, T, D] -> [B, T, D]`` (runs one block or a window of blocks; must be
@@ -64,51 +71,21 @@ def reconstruct(unit: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Pa
         inputs: float ``[N, T, D]`` sparse-stream inputs (on CPU or the model's device).
         targets: float ``[N, T, D]`` targets (BR: dense unit on ``inputs``; GP: dense unit on the dense stream).
         cfg: :class:`ReconConfig`.
+        heldout, eval_at: held-out ``(inputs, targets)`` and the steps at which the block MSE is measured
+            (:func:`shrink.reconstruction.fit_unit`; training is the same with or without them).
     Returns:
-        dict with ``losses`` (per step), ``steps``, ``seconds``.
+        dict with ``losses`` (per step), ``steps``, ``seconds`` and ``curve``.
     """
     cfg.check()
     if inputs.shape != targets.shape:
         raise PruningError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must match")
-    n, t, _ = inputs.shape
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * math.ceil(inputs.shape[0] / cfg.batch_size)
     if total == 0:
-        return {"losses": [], "steps": 0, "seconds": 0.0}
-    device = params[0].device
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
-    handles = masks.hook_gradients()
-    w = torch.ones(t, device=device)
-    w[0] = cfg.first_token_weight
-    w = (w / w.mean()).view(1, t, 1)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses, t0 = [], time.perf_counter()
-    try:
-        with torch.enable_grad():
-            for _ in range(cfg.epochs):
-                perm = torch.randperm(n, generator=gen)
-                for s in range(0, n, cfg.batch_size):
-                    idx = perm[s:s + cfg.batch_size]
-                    x = inputs[idx].to(device)
-                    y = targets[idx].to(device)
-                    loss = ((unit(x) - y) ** 2 * w).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    masks.apply()
-                    losses.append(float(loss.detach()))
-    finally:
-        for h in handles:
-            h.remove()
-        for p, r in zip(params, was):
-            p.requires_grad_(r)
-            p.grad = None
+        return {"losses": [], "steps": 0, "seconds": 0.0, "curve": []}
+    fit = FitConfig(steps=total, batch_size=cfg.batch_size, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, schedule="linear", first_token_weight=cfg.first_token_weight,
+                    max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, eval_at=eval_at)
+    out = fit_unit(unit, params, inputs, targets, fit, heldout=heldout, hooks=masks.hook_gradients,
+                   after_step=masks.apply)
     masks.verify()
-    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - t0}
+    return out
