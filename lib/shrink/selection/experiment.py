@@ -84,6 +84,52 @@ def random_selection(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)).astype(np.int64)
 
 
+#: Selectors of :func:`select` (cheap ones: no embeddings, no LM scoring).
+SELECT_METHODS = ("dsir-exact", "dsir-fast", "random", "heuristic-cls", "full-pool")
+
+
+@lru_cache(maxsize=4)
+def _dsir_fit(cfg, with_wiki: bool, mode: str) -> DSIR:
+    st = setting(cfg, with_wiki)
+    return DSIR(mode=mode, ngrams=cfg.ngrams, num_buckets=cfg.num_buckets,
+                min_example_length=cfg.min_example_length).fit(st.texts, [c["text"] for c in st.target])
+
+
+def select(cfg, method: str, seed: int, *, with_wiki: bool = False, k: int | None = None) -> np.ndarray:
+    """Sorted int64 indices into ``setting(cfg, with_wiki).pool`` of one selection of ``k`` (default ``cfg.k``)
+    chunks. The notebooks share their selections through this function (04b's DSIR and random draws are
+    the same draws: same seeds, same calls).
+
+    * ``dsir-exact`` / ``dsir-fast``: DSIR Gumbel top-k with the official seed stream (``seed``), fitted on
+      the pool and the target (memoised per setting);
+    * ``random``: :func:`random_selection`;
+    * ``heuristic-cls``: :func:`~shrink.selection.baselines.heuristic_classification` (GPT-3 Pareto rule at
+      budget ``k``, ``seed`` draws the negatives and the Pareto noise);
+    * ``full-pool``: every chunk (no selection; ``k`` is ignored).
+    """
+    from .errors import SelectionError
+
+    st = setting(cfg, with_wiki)
+    k = cfg.k if k is None else k
+    if method in ("dsir-exact", "dsir-fast"):
+        return _dsir_fit(cfg, bool(with_wiki), method.split("-")[1]).select(k, seed=seed)
+    if method == "random":
+        return random_selection(len(st.pool), k, seed)
+    if method == "heuristic-cls":
+        from .baselines import heuristic_classification
+
+        return heuristic_classification(st.texts, [c["text"] for c in st.target], k, seed)[0]
+    if method == "full-pool":
+        return np.arange(len(st.pool), dtype=np.int64)
+    raise SelectionError(f"unknown selection method {method!r}; use one of {', '.join(SELECT_METHODS)} (embedding "
+                         "baselines: baselines_run / shrink.selection.baselines).")
+
+
+def describe(st: Setting, idx: np.ndarray, alpha: float = 1.0) -> dict:
+    """KL reduction in both metric spaces, composition, WikiText precision and the selection's sha of ``idx``."""
+    return _describe(st, idx, alpha)
+
+
 def _describe(st: Setting, idx: np.ndarray, alpha: float, ref: np.ndarray | None = None) -> dict:
     import hashlib
 

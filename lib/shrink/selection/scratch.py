@@ -85,6 +85,22 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
+def wiki_test_windows(seqlen: int, n: int, *, normalize_ws: bool = False) -> torch.Tensor:
+    """``[n, seqlen]`` int64 byte windows of WikiText-2 *test*, starts evenly spaced over the stream
+    (``linspace(0, len - seqlen, n)``). ``normalize_ws``: the stream is first whitespace-normalised
+    (``" ".join(text.split())``, newlines become spaces), the form of the 128-word pool chunks of
+    :mod:`shrink.selection.pools`; the default is the raw text (04f/04g)."""
+    text = D.load_text("wikitext2", "test")
+    if normalize_ws:
+        text = " ".join(text.split())
+    w = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    if w.numel() < seqlen or n < 1:
+        raise SelectionError(f"cannot cut {n} windows of {seqlen} bytes from WikiText-2 test ({w.numel()} bytes); "
+                             "use n >= 1 and a shorter seqlen.")
+    starts = torch.linspace(0, w.numel() - seqlen, n).long().tolist()
+    return torch.stack([w[s:s + seqlen] for s in starts])
+
+
 @lru_cache(maxsize=4)
 def _build(domains: tuple, pool_seed: int, block: int, n_train: int, n_val: int, seqlen: int, wiki_windows: int):
     train_blocks, val, info = [], {}, {"domains": {}}
@@ -102,9 +118,7 @@ def _build(domains: tuple, pool_seed: int, block: int, n_train: int, n_val: int,
                               "train_bytes": n_train * block}
     random.Random(f"{pool_seed}/mix").shuffle(train_blocks)
     train = torch.cat([x for _, x in train_blocks])
-    w = torch.tensor(list(D.load_text("wikitext2", "test").encode("utf-8")), dtype=torch.long)
-    starts = torch.linspace(0, w.numel() - seqlen, wiki_windows).long().tolist()
-    wiki = torch.stack([w[s:s + seqlen] for s in starts])
+    wiki = wiki_test_windows(seqlen, wiki_windows)
     info.update(train_bytes=int(train.numel()), train_sha=_sha(train), wiki_sha=_sha(wiki),
                 val_sha={d: _sha(v) for d, v in val.items()},
                 domain_order_sha=hashlib.sha256("".join(d for d, _ in train_blocks).encode()).hexdigest()[:16])
@@ -117,15 +131,16 @@ def build_pool(cfg) -> ScratchPool:
                   cfg.seqlen, cfg.wiki_windows)
 
 
-def _batches_of(windows: torch.Tensor, batch_size: int) -> list[dict]:
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
+    """Fixed evaluation batches ``{"input_ids", "labels"}`` of ``[<=batch_size, seqlen]`` windows."""
     return [{"input_ids": w, "labels": w.clone()} for w in windows.split(batch_size)]
 
 
 def make_eval_fn(pool: ScratchPool, batch_size: int, steps: int):
     """``eval_fn(model, t)``: per-domain validation loss (nats/byte) and their mean; at ``t == steps`` also
     WikiText-2 test bits per byte (``wiki_bpb``)."""
-    val_b = {d: _batches_of(v, batch_size) for d, v in pool.val.items()}
-    wiki_b = _batches_of(pool.wiki, batch_size)
+    val_b = {d: window_batches(v, batch_size) for d, v in pool.val.items()}
+    wiki_b = window_batches(pool.wiki, batch_size)
 
     def eval_fn(model, t):
         losses = {d: T.evaluate_loss(model, b)["loss"] for d, b in val_b.items()}
