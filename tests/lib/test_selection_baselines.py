@@ -108,3 +108,29 @@ def test_dbp_selects_k_hard_examples():
 def test_budget_errors(k):
     with pytest.raises(SelectionError, match="lower k"):
         B.random_select(60, k, 0)
+
+
+def test_semdedup_scores_match_naive_and_the_mask():
+    """m_i = max cosine similarity to a less prototypical member of the same cluster (naive double loop);
+    SemDeDup at eps keeps exactly m <= 1 - eps, so its kept fraction is non-increasing in eps and the
+    budget-n selection (n smallest m) is SemDeDup at the eps where n remain."""
+    x = _blobs(seed=2, n=45)
+    x = np.concatenate([x, x[:6] + 1e-3 * np.random.default_rng(0).normal(size=(6, x.shape[1]))])
+    labels, cents = B.kmeans(x, 3, seed=1)
+    m = B.semdedup_scores(x, n_clusters=3, seed=1, labels=labels, centroids=cents)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    naive = np.full(len(x), -1.0)
+    for c in range(3):
+        members = [i for i in range(len(x)) if labels[i] == c]
+        members.sort(key=lambda i: float(u[i] @ cents[c]))  # least prototypical first
+        for a, i in enumerate(members):
+            for j in members[:a]:
+                naive[i] = max(naive[i], float(u[i] @ u[j]))
+    assert np.allclose(m, naive, atol=1e-12)
+    kept = []
+    for eps in (0.0, 1e-5, 1e-3, 0.05, 0.3, 0.9):
+        mask = B.semdedup(x, eps, n_clusters=3, seed=1, labels=labels, centroids=cents)
+        assert np.array_equal(mask, m <= 1 - eps)
+        kept.append(mask.sum())
+    assert all(a >= b for a, b in zip(kept, kept[1:])) and kept[0] > kept[-1]
+    assert B.semdedup(x, 1e-5, n_clusters=3, seed=1, labels=labels, centroids=cents).sum() == 45  # one per pair

@@ -20,6 +20,7 @@ import numpy as np
 from .. import results
 from . import metrics, pools
 from .dsir import DSIR
+from .errors import SelectionError
 from .features import Features, featurize, heldout_featurize
 
 CHAPTER = "04-data"
@@ -187,7 +188,7 @@ def pool_summary(cfg, *, scale: str) -> dict:
     return results.cached("pool-summary", config, run, scale=scale, chapter=CHAPTER)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def _embeddings(encoder: str, texts: tuple) -> np.ndarray:
     from .. import models
     from .baselines import embed
@@ -196,41 +197,95 @@ def _embeddings(encoder: str, texts: tuple) -> np.ndarray:
     return embed(list(texts), model, tok)
 
 
-def baselines_run(cfg, *, seed: int, scale: str) -> dict:
-    """One seed of notebook 04c: every baseline at the matched budget ``baseline_k`` on the baseline pool
-    (``baseline_max_per_domain`` chunks per domain, no WikiText). Cached as ``baselines``."""
+def baseline_setting(cfg, with_wiki: bool) -> Setting:
+    """The baseline pool of notebook 04i: ``baseline_max_per_domain`` chunks per domain (the same chunks with
+    and without WikiText: each domain's subset is seeded by its name only)."""
+    return setting(cfg.with_(max_per_domain=cfg.baseline_max_per_domain), with_wiki)
+
+
+def pool_nll(cfg, *, scale: str) -> dict:
+    """Per-chunk mean next-token NLL (nats/token, first ``ppl_max_tokens`` tokens) of the baseline pool *with*
+    WikiText (a superset of the pool without it) under ``cfg.model`` (SmolLM2-135M at cpu): the expensive
+    input of perplexity filtering, computed once for every seed and both pools. Cached as ``curation-nll``;
+    ``ids`` are the chunk ids, in pool order."""
+    import time
+
+    from .. import models
+    from .baselines import perplexity_scores
+
+    bcfg = cfg.with_(max_per_domain=cfg.baseline_max_per_domain)
+    config = {"pool": pool_config(bcfg, True), "model": cfg.model, "max_tokens": cfg.ppl_max_tokens,
+              "batch_size": 8, "nll": "mean next-token NLL of the first max_tokens tokens (nats)"}
+
+    def run() -> dict:
+        st = baseline_setting(cfg, True)
+        model, tok = models.load(cfg.model)
+        t0 = time.perf_counter()
+        nll = perplexity_scores(st.texts, model, tok, max_tokens=cfg.ppl_max_tokens, batch_size=8)
+        return {"ids": [c["id"] for c in st.pool], "nll": nll.tolist(), "pool_hash": pools.pool_hash(st.pool),
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+    return results.cached("curation-nll", config, run, scale=scale, chapter=CHAPTER)
+
+
+BASELINE_METHODS = ("random", "dsir-exact", "heuristic-cls", "heuristic-cls-topk", "ppl-low", "ppl-mid",
+                    "nearest-centroid", "k-center", "semdedup", "dbp")
+#: methods whose selection does not depend on the seed (their spread over seeds is 0 by construction)
+DETERMINISTIC = ("ppl-low", "ppl-mid", "nearest-centroid")
+
+
+def baselines_run(cfg, *, with_wiki: bool, seed: int, scale: str) -> dict:
+    """One seed of notebook 04i: every baseline of :mod:`shrink.selection.baselines`, DSIR and random at the
+    matched budget ``baseline_k`` on the baseline pool (:func:`baseline_setting`), with or without WikiText.
+
+    ``semdedup`` is SemDeDup at ``semdedup_eps`` then ``k`` uniformly among the kept (dedup, then sample);
+    ``dbp`` is SemDeDup at ``semdedup_eps`` then DBP to ``k``; ``ppl-low`` keeps the ``k`` lowest SmolLM2
+    perplexities, ``ppl-mid`` the ``k`` closest to the median (a CCNet "middle" bucket). Per method: KL
+    reduction in both metric spaces, WikiText precision, domain composition, the sorted indices. Cached as
+    ``baselines``; the NLL comes from :func:`pool_nll` (one record for every seed)."""
     from . import baselines as B
 
     bcfg = cfg.with_(max_per_domain=cfg.baseline_max_per_domain)
-    config = {"pool": pool_config(bcfg, False), "k": cfg.baseline_k, "seed": seed, "encoder": cfg.encoder,
+    config = {"pool": pool_config(bcfg, with_wiki), "k": cfg.baseline_k, "seed": seed, "encoder": cfg.encoder,
               "n_clusters": cfg.n_clusters, "semdedup_eps": cfg.semdedup_eps, "dbp_tau": cfg.dbp_tau,
-              "num_buckets": cfg.num_buckets, "kl_alpha": cfg.kl_alpha, "engine": "regex",
-              "methods": ["random", "dsir-exact", "heuristic-cls", "nearest-centroid", "k-center", "semdedup",
-                          "dbp"]}
+              "num_buckets": cfg.num_buckets, "ngrams": cfg.ngrams, "min_example_length": cfg.min_example_length,
+              "kl_alpha": cfg.kl_alpha, "engine": "regex", "ppl_model": cfg.model, "ppl_max_tokens": cfg.ppl_max_tokens,
+              "ppl_band": [0.25, 0.75], "methods": list(BASELINE_METHODS)}
 
     def run() -> dict:
-        st = setting(bcfg, False)
+        st = baseline_setting(cfg, with_wiki)
         k, a = cfg.baseline_k, cfg.kl_alpha
         tt = [c["text"] for c in st.target]
+        nll_rec = pool_nll(cfg, scale=scale)
+        by_id = dict(zip(nll_rec["ids"], nll_rec["nll"]))
+        nll = np.array([by_id[c["id"]] for c in st.pool])
         emb = _embeddings(cfg.encoder, tuple(st.texts))
         temb = _embeddings(cfg.encoder, tuple(tt))
         labels, cents = B.kmeans(emb, cfg.n_clusters, seed)
         keep = B.semdedup(emb, cfg.semdedup_eps, n_clusters=cfg.n_clusters, seed=seed, labels=labels,
                           centroids=cents)
         kept = np.flatnonzero(keep)
+        if kept.size < k:
+            raise SelectionError(f"SemDeDup at eps={cfg.semdedup_eps} keeps {kept.size} < k={k} chunks; lower "
+                                 "semdedup_eps or baseline_k in the preset.")
         sel = {"random": random_selection(len(st.pool), k, seed),
-               "dsir-exact": DSIR(num_buckets=cfg.num_buckets, min_example_length=cfg.min_example_length)
-               .fit(st.texts, tt).select(k, seed=seed),
+               "dsir-exact": DSIR(num_buckets=cfg.num_buckets, ngrams=cfg.ngrams,
+                                  min_example_length=cfg.min_example_length).fit(st.texts, tt).select(k, seed=seed),
                "heuristic-cls": B.heuristic_classification(st.texts, tt, k, seed)[0],
+               "heuristic-cls-topk": B.heuristic_classification(st.texts, tt, k, seed, mode="topk")[0],
+               "ppl-low": B.perplexity_filter(nll, k)[0],
+               "ppl-mid": B.perplexity_filter(nll, k, band=(0.25, 0.75))[0],
                "nearest-centroid": B.nearest_centroid(emb, temb, k)[0],
                "k-center": B.k_center(emb, k, seed)[0]}
-        sel["semdedup"] = np.sort(kept[random_selection(kept.size, min(k, kept.size), seed)])
-        idx, _, info = B.dbp(emb[kept], min(k, kept.size), n_clusters=cfg.n_clusters, seed=seed, tau=cfg.dbp_tau)
+        sel["semdedup"] = np.sort(kept[random_selection(kept.size, k, seed)])
+        idx, _, info = B.dbp(emb[kept], k, n_clusters=cfg.n_clusters, seed=seed, tau=cfg.dbp_tau)
         sel["dbp"] = np.sort(kept[idx])
+        dom = np.array(st.domains)
         out = {"pool_chunks": len(st.pool), "pool_hash": pools.pool_hash(st.pool), "semdedup_kept": int(kept.size),
                "dbp_quotas": info["quotas"].tolist(), "bound": {f"kl_{s}": st.kl_bound(s, a) for s in SPACES},
-               "methods": {m: {**_describe(st, i, a), "n": int(len(i)), "unique": int(len(set(i.tolist())))}
-                           for m, i in sel.items()}}
+               "nll_by_domain": {d: float(nll[dom == d].mean()) for d in sorted(set(st.domains))},
+               "methods": {m: {**_describe(st, i, a), "n": int(len(i)), "unique": int(len(set(i.tolist()))),
+                               "indices": [int(j) for j in i]} for m, i in sel.items()}}
         return out
 
     return results.cached("baselines", config, run, scale=scale, chapter=CHAPTER)

@@ -30,9 +30,12 @@ class DataPreset(Preset):
     k: int = 500
     seeds: tuple = (0, 1, 2)
     kl_alpha: float = 1.0
-    # baselines (04c): a smaller pool, because MiniLM embeds ~2 chunks/s on the shared 2-core machine
+    # curation baselines (04i): a smaller pool, because SmolLM2's per-chunk NLL (perplexity filtering, first
+    # ppl_max_tokens tokens) costs ~1 s per 128-token chunk on one thread (pilot, load ~2; MiniLM ~0.06 s per
+    # chunk): 540 chunks x 64 tokens ~ 4.5 min; k below the pool's 60 WikiText chunks
     baseline_max_per_domain: int | None = 60
-    baseline_k: int = 60
+    baseline_k: int = 50
+    ppl_max_tokens: int = 64
     encoder: str = "minilm"
     n_clusters: int = 16
     semdedup_eps: float = 0.05
@@ -51,7 +54,7 @@ class DataPreset(Preset):
 
 register("data", {
     "tiny": DataPreset(model="tiny-llama", max_per_domain=60, target_max_chunks=200, k=40,
-                       baseline_max_per_domain=20, baseline_k=20, encoder="tiny-bert", n_clusters=8, semdedup_eps=1e-4),
+                       baseline_max_per_domain=20, baseline_k=16, encoder="tiny-bert", n_clusters=8, semdedup_eps=1e-4),
     "cpu": DataPreset(model="smollm2-135m", k=500),
     "paper": DataPreset(model="smollm2-135m", pool_source="EleutherAI/pile", k=10_000_000,
                         baseline_max_per_domain=None, baseline_k=10_000_000, n_clusters=500),
