@@ -153,6 +153,47 @@ cli_row("cli-ppl-threads-abc-subprocess", [*T, "--seqlen", "64", "--windows", "1
         env={"SHRINK_THREADS": "abc"}, subprocess_=True, what="a real process: JSON on stdout, exit 2")
 
 
+# shrink select dsir --ray (the sharded Ray path): every row fails before a Ray instance is started
+def _select_pool(ctx) -> list[str]:
+    from shrink.selection import pools
+
+    recs = [{"id": str(i), "text": f"word{i} " * 120} for i in range(6)]
+    pools.write_shards(recs, ctx.tmp / "pool", 2)
+    (ctx.tmp / "t.txt").write_text("word1 " * 120)
+    return ["select", "dsir", "--pool", str(ctx.tmp / "pool" / "*.jsonl.zst"), "--target", str(ctx.tmp / "t.txt"),
+            "--k", "2"]
+
+
+@row("cli-select-ray-no-shard", "cli", ("no shard matches", "write_shards"))
+def _(ctx):
+    """--ray with a glob that matches nothing: the shard error, before Ray starts."""
+    return cli_inprocess(["select", "dsir", "--pool", str(ctx.tmp / "none" / "*.jsonl.zst"), "--target",
+                          str(ctx.tmp / "t.txt"), "--k", "2", "--ray", "local"])
+
+
+@row("cli-select-ray-bad-address", "cli", ("127.0.0.1:1", "ray start --head", "RAY_ADDRESS"))
+def _(ctx):
+    """--ray at an address where no cluster listens: an error within seconds (Ray alone retries for minutes)."""
+    return cli_inprocess([*_select_pool(ctx), "--ray", "127.0.0.1:1"])
+
+
+@row("cli-select-ray-address-not-host-port", "cli", ("not HOST:PORT", "ray start --head"))
+def _(ctx):
+    return cli_inprocess([*_select_pool(ctx), "--ray", "headnode"])
+
+
+@row("cli-select-ray-not-installed", "cli", ("Ray is not installed", "pip install"))
+def _(ctx):
+    """--ray in an environment without Ray."""
+    ctx.mp.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    return cli_inprocess([*_select_pool(ctx), "--ray", "local"])
+
+
+@row("cli-select-workers-without-ray", "cli", ("--workers", "--ray local"))
+def _(ctx):
+    return cli_inprocess([*_select_pool(ctx), "--workers", "2"])
+
+
 @row("cli-ppl-nan-model", "cli", ("NaN",))
 def _(ctx):
     """The model produces NaN logits: the CLI must not print NaN (invalid JSON) with exit 0."""

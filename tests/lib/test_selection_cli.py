@@ -46,13 +46,14 @@ def test_select_dsir_matches_in_process(tmp_path, capsys):
     assert sum(recs[i]["id"].split("/")[1].isdigit() and int(recs[i]["id"].split("/")[1]) % 3 == 0 for i in ref) == 12
 
 
-def test_select_ray_not_implemented_is_a_clear_error(tmp_path, capsys):
+def test_select_ray_bad_address_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("ray")
     recs, target = _corpus()
     pools.write_shards(recs, tmp_path, 1)
     (tmp_path / "t.txt").write_text("\n".join(target))
     code, out = _run(["select", "dsir", "--pool", str(tmp_path / "*.jsonl.zst"), "--target", str(tmp_path / "t.txt"),
-                      "--k", "5", "--ray", "auto"], capsys)
-    assert code == 2 and "run without --ray" in out["message"]
+                      "--k", "5", "--ray", "127.0.0.1:1"], capsys)  # nothing listens on port 1
+    assert code == 2 and "ray start --head" in out["message"] and "RAY_ADDRESS" in out["message"]
     code, out = _run(["select", "dsir", "--pool", str(tmp_path / "*.jsonl.zst"), "--target", str(tmp_path / "t.txt"),
                       "--k", "500"], capsys)
     assert code == 2 and "k=500" in out["message"]

@@ -2,7 +2,14 @@
 
 Streams the pool shards (name order = global index order), fits DSIR in one pass, selects ``k``. Targets
 are JSON-lines shards with a ``text`` field (``.jsonl`` / ``.jsonl.zst``) or plain ``.txt`` files (one
-example per non-empty line). ``--ray ADDRESS`` (the sharded Ray path) is not implemented yet and says so.
+example per non-empty line).
+
+``--ray local`` (a Ray instance on this machine with ``--workers N`` CPUs) or ``--ray ADDRESS`` (an existing
+cluster: ``auto``, ``HOST:PORT``, ``ray://HOST:10001``; ``--workers N`` caps the shard tasks in flight) runs
+the sharded path (:mod:`shrink.selection.scaleout`): one fit and one score task per shard, outputs under
+``--out`` (default ``$SHRINK_CACHE/dsir-shards``; a rerun reuses every finished shard), and the same indices
+as the in-process path. On a cluster the shards, ``--out`` and an installed ``shrink`` must be visible on
+every node (README: "DSIR on a Ray cluster").
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--min-example-length", type=int, default=100)
     s.add_argument("--num-buckets", type=int, default=10000)
-    s.add_argument("--ray", default=None, help="Ray address (not implemented yet)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS|local",
+                   help="run the shards as Ray tasks: 'local' (a Ray instance here) or a cluster address "
+                        "(auto, HOST:PORT, ray://HOST:10001)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="with --ray: CPUs of the local instance / shard tasks in flight on a cluster")
+    s.add_argument("--out", default=None, help="with --ray: folder of the per-shard outputs (resumable; "
+                   "default $SHRINK_CACHE/dsir-shards)")
     s.add_argument("--ids", action="store_true", help="also print the selected records' ids")
 
 
@@ -42,9 +55,11 @@ def cmd_select(args) -> dict:
     from .dsir import DSIR
     from .errors import SelectionError
 
+    if args.workers is not None and not args.ray:
+        raise SelectionError("--workers applies to the Ray path only: add --ray local (or --ray ADDRESS), or drop "
+                             "--workers.")
     if args.ray:
-        raise SelectionError("--ray is not implemented yet in this version; run without --ray (in-process), "
-                             "or shard the pool and run one process per shard group.")
+        return _cmd_select_ray(args)
     t0 = time.process_time()
     ids: list = []
 
@@ -64,3 +79,28 @@ def cmd_select(args) -> dict:
     if args.ids:
         out["ids"] = [ids[i] for i in idx.tolist()]
     return out
+
+
+def _cmd_select_ray(args) -> dict:
+    from .. import distributed, env
+    from . import pools
+    from .scaleout import select_sharded
+
+    if args.workers is not None and args.workers < 1:
+        from .errors import SelectionError
+
+        raise SelectionError(f"--workers {args.workers} must be a positive integer, e.g. --workers 2.")
+    pools.shard_paths(args.pool)  # no shard: an error before any Ray start
+    target = list(_targets(args.target))
+    out_dir = args.out or str(env.cache_dir("dsir-shards"))
+    t0 = time.time()
+    with distributed.session(args.ray, args.workers) as ray:
+        res = select_sharded(args.pool, target, args.k, out_dir=out_dir, seed=args.seed, top_k=args.top_k,
+                             mode=args.mode, num_buckets=args.num_buckets,
+                             min_example_length=args.min_example_length, ray=ray, max_in_flight=args.workers,
+                             with_ids=args.ids)
+        cpus = distributed.cluster_cpus(ray)
+    res.update({"method": "dsir", "mode": args.mode, "top_k": args.top_k, "seed": args.seed, "k": args.k,
+                "ray": args.ray, "workers": args.workers, "cluster_cpus": cpus,
+                "wall_seconds": round(time.time() - t0, 3)})
+    return res
