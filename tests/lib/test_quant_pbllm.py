@@ -212,3 +212,29 @@ def test_model_level_counts_every_linear():
     for l in lins:  # each row: two binary values plus at most 256 grid values
         w = l.weight
         assert all(len(torch.unique(w[r])) <= 2 + 256 for r in range(w.shape[0]))
+
+
+@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B"])
+def test_pbllm_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir, hub_id):
+    """The paper preset's code path (C4 calibration, WikiText-2 evaluation) on random-init stand-ins of
+    LLaMA-2-7B and LLaMA-3-8B and a local C4-format file, shrunk to a few short windows."""
+    from conftest import c4_like_file
+    from shrink import scales
+    from shrink.quant.pbllm_experiment import PBLLMContext
+
+    monkeypatch.setenv("SHRINK_STANDINS", "1")
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SHRINK_C4_FILES", str(c4_like_file(tmp_path / "c4-train.00000-of-01024.json")))
+    cfg = scales.get("pbllm", "paper").with_(model=hub_id, seqlen=64, windows=2, calib_nsamples=2, calib_seqlen=64)
+    assert cfg.calib_corpus == "c4" and cfg.high_bits == 8
+    ctx = PBLLMContext(cfg, "paper")
+    assert ctx.model.shrink_info["standin_for"] == hub_id
+    cell = ctx.measure(0.1, "hessian", True, 0)
+    from shrink.models import BlockRunner
+    from shrink.quant.gptq import decoder_weight_linears
+
+    numel = sum(l.weight.numel() for b in BlockRunner(ctx.model).blocks for l in decoder_weight_linears(b).values())
+    assert cell["ppl"] > 1 and cell["err_calib"] > 0 and cell["bits"]["weights"] == numel
+    direct = ctx.measure(0.1, "magnitude", False)
+    assert direct["ppl"] > 1
+    assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("pbllm-*.json"))) == 2

@@ -130,11 +130,15 @@ def n_salient(numel: int, frac: float) -> int:
 def salient_mask(score: torch.Tensor, frac: float) -> torch.Tensor:
     """Bool ``[rows, d]``: True on exactly :func:`n_salient` entries with the largest ``score`` (ties: lower flat
     index first)."""
-    k = n_salient(score.numel(), frac)
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
-    if k:
-        order = torch.argsort(score.flatten().cpu(), descending=True, stable=True)
-        mask[order[:k]] = True
+    n = score.numel()
+    k = n_salient(n, frac)
+    flat = score.detach().flatten().cpu()
+    if k == 0 or k == n:
+        return torch.full(score.shape, k == n, dtype=torch.bool, device=score.device)
+    thr = torch.kthvalue(flat, n - k + 1).values  # the k-th largest score (O(n), no full sort)
+    mask = flat > thr
+    need = k - int(mask.sum())
+    mask[torch.nonzero(flat == thr).flatten()[:need]] = True  # ties at the threshold: lowest flat index first
     return mask.reshape(score.shape).to(score.device)
 
 
@@ -187,9 +191,11 @@ def pbllm_quantize(weights: list[torch.Tensor], H: torch.Tensor | None, spec: PB
     s, z = qparams(*range_of(W, hs), hs)
     s, z = s.flatten().to(dtype), z.flatten().to(dtype)
 
+    maskT, neg_alpha = mask.T.contiguous(), -alpha  # contiguous columns of the mask for the sweep
+
     def target(j, W1, i):
         w = W1[:, i]
-        return torch.where(mask[:, j], _column_quant(w, s, z, hs), _binarize(w, alpha))
+        return torch.where(maskT[j], _column_quant(w, s, z, hs), torch.where(w >= 0, alpha, neg_alpha))
 
     if spec.gptq:
         obs_sweep(W, U, target, blocksize=spec.blocksize)
