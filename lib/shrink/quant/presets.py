@@ -236,3 +236,25 @@ def _flexround_presets() -> None:
 
 
 _flexround_presets()
+
+
+# ---- PB-LLM: partial binarization (notebook 02i, issue 15) ---------------------------------------------------
+def _pbllm_presets() -> None:
+    from .pbllm_experiment import PBLLMPreset
+
+    register("pbllm", {
+        "tiny": PBLLMPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64,
+                            fracs=(0.05, 0.5), magnitude_fracs=(0.5,), direct_fracs=(0.05, 0.5), calib_seeds=(0, 1)),
+        # cpu: 8 x 256 calibration tokens per draw (02g: 16 x 512), the 4 WikiText-2 test windows of 512 of 02g,
+        # no second corpus; GPTQ-PB with the Hessian criterion at 3 fractions and with the magnitude criterion at
+        # 0.1, each on 3 calibration draws; direct rounding (magnitude, no data) at every fraction
+        "cpu": PBLLMPreset(model="smollm2-135m"),
+        # paper: the official run_all.sh (LLaMA-7B, C4 calibration, 128 x 2048 tokens, --low_frac 0.5-0.95 i.e.
+        # salient 0.05-0.5, --high_bit 8, Hessian criterion), on LLaMA-2-7B here (LLaMA-3-8B: .with_(model=...))
+        "paper": PBLLMPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, calib_corpus="c4",
+                             calib_split="train", calib_nsamples=128, calib_seqlen=2048,
+                             fracs=(0.05, 0.1, 0.2, 0.5), magnitude_fracs=(0.1, 0.2), direct_fracs=(0.1,)),
+    })
+
+
+_pbllm_presets()
