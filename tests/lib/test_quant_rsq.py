@@ -196,3 +196,27 @@ def test_rotated_rsq_runs_and_rtn_rejects_token_weights(tiny):
     with pytest.raises(QuantError, match="RTN"):
         quantize_model(copy.deepcopy(model), ids, WeightQuantSpec(method="rtn", grid=GRID),
                        token_weights=token_weight_fn(model, "uniform"), verbose=False)
+
+
+@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B"])
+def test_paper_preset_on_standins(monkeypatch, data_dir, hub_id):
+    """The paper preset's code path (rotation, attncon RSQ at W3 and W4) on the random-init stand-ins (LLaMA-3's
+    has GQA: the per-head V/O rotation and the attention columns must handle repeated key/value heads)."""
+    from shrink import data, scales
+    from shrink.quant.weightonly import grid_spec
+
+    monkeypatch.setenv("SHRINK_STANDINS", "1")
+    cfg = scales.get("rsq", "paper").with_(model=hub_id)
+    model, tok = M.load(cfg.model)
+    assert model.shrink_info["standin_for"] == hub_id
+    assert (cfg.calib_corpus, cfg.calib_split, cfg.rsq_bits) == ("wikitext2", "train", 3)
+    ids = data.calibration_set(tok, "wikitext2", "validation", nsamples=2, seqlen=48, seed=0)  # train is online only
+    rot = rotate_model(copy.deepcopy(model), "hadamard", seed=0)
+    with torch.no_grad():
+        assert float((rot(ids).logits.log_softmax(-1) - model(ids).logits.log_softmax(-1)).abs().max()) <= 1e-4
+    for bits in (3, 4):
+        m = copy.deepcopy(rot)
+        res = quantize_model(m, ids, WeightQuantSpec(method="gptq", grid=grid_spec(cfg.rsq_grid, bits)),
+                             token_weights=token_weight_fn(m, "attncon", min_value=cfg.min_value,
+                                                           max_value=cfg.max_value), verbose=False)
+        assert res["final"]["err_calib"] > 0 and res["bits_per_weight"] == bits

@@ -314,6 +314,8 @@ class RSQPreset(WeightOnlyPreset):
     rotations: tuple = ("none", "hadamard")
     #: strategies measured with rotation (the rest without only); None = all
     rotated_strategies: tuple | None = None
+    #: strategies measured on every calibration seed (the rest on the first seed only); None = all
+    seeded_strategies: tuple | None = None
     min_value: float = 0.005
     max_value: float = 1.0
     first_frac: float = 0.125
@@ -329,6 +331,10 @@ class RSQPreset(WeightOnlyPreset):
         if bad or "uniform" not in self.strategies:
             raise PresetError(f"strategies must be among {STRATEGIES} and include 'uniform' (the GPTQ baseline); "
                               f"got {self.strategies}, cross {self.cross_strategies}")
+        for name in ("rotated_strategies", "seeded_strategies"):
+            v = getattr(self, name)
+            if v is not None and not set(v) <= set(self.strategies):
+                raise PresetError(f"{name} {v} must be a subset of strategies {self.strategies}")
         if any(r not in ROTATIONS for r in self.rotations):
             raise PresetError(f"rotations must be among {ROTATIONS}, got {self.rotations}")
         if not 0 <= self.min_value <= self.max_value:
@@ -344,6 +350,11 @@ class RSQContext(WeightOnlyContext):
     def rotated(self, strategy: str) -> bool:
         rs = self.cfg.rotated_strategies
         return rs is None or strategy in rs
+
+    def seeds_of(self, strategy: str) -> tuple:
+        """Calibration seeds a strategy is measured on (all, or the first only: ``cfg.seeded_strategies``)."""
+        ss = self.cfg.seeded_strategies
+        return tuple(self.cfg.calib_seeds) if ss is None or strategy in ss else tuple(self.cfg.calib_seeds[:1])
 
     def rsq_config(self, strategy: str, rotation: str, seed: int, prefix: tuple | None) -> dict:
         c = self.cfg
@@ -410,14 +421,14 @@ class RSQContext(WeightOnlyContext):
 
     def spread(self, strategy: str, rotation: str = "none", metric: str = "ppl", prefix: tuple | None = None,
                seeds: tuple | None = None) -> Spread:
-        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.cfg.calib_seeds))
+        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy)))
         return Spread(tuple(self.measure_rsq(strategy, rotation, s, prefix)[metric] for s in seeds),
                       kind="calibration draws" + (" and rotation signs" if rotation != "none" else ""), seeds=seeds)
 
     def paired_gap(self, strategy: str, rotation: str = "none", prefix: tuple | None = None,
                    seeds: tuple | None = None) -> Spread:
         """``ppl(strategy) - ppl(uniform)`` paired by calibration seed (same windows, same rotation)."""
-        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.cfg.calib_seeds))
+        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy)))
         return Spread(tuple(self.measure_rsq(strategy, rotation, s, prefix)["ppl"] -
                             self.measure_rsq("uniform", rotation, s, prefix)["ppl"] for s in seeds),
                       kind="paired by calibration draw", seeds=seeds)
