@@ -81,7 +81,10 @@ def test_identical_seeds_give_identical_records_and_other_seeds_differ(tmp_path,
 def test_budget_is_equal_across_methods_and_the_selections_are_the_shared_ones(one_thread):
     cfg = _fast()
     st = E.setting(cfg, False)
-    recs = {m: DS.method_run(cfg, m, seed=0, scale="tiny") for m in cfg.methods}
+    assert DS.grid(cfg) == [(m, s) for s in cfg.seeds for m in cfg.methods] + [(m, cfg.seeds[0]) for m in
+                                                                              cfg.one_seed_methods]
+    recs = {m: DS.method_run(cfg, m, seed=0, scale="tiny") for m in (*cfg.methods, *cfg.one_seed_methods)}
+    assert set(recs) == set(DS.METHODS)
     tokens = {m: r["tokens"] for m, r in recs.items()}
     # every run sees steps x B windows of S bytes: S - 1 next-byte targets per window
     assert set(tokens.values()) == {cfg.steps * cfg.batch_size * (cfg.seqlen - 1)}, tokens
