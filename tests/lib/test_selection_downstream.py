@@ -110,3 +110,14 @@ def test_preset_and_tag_validation():
         E.select(_cfg(), "oracle", 0)
     with pytest.raises(SelectionError, match="tag"):
         DS.train_on_selection(_cfg(), np.arange(5), seed=0, scale="tiny", tag="")
+
+
+def test_with_wiki_selections_index_the_pool_with_wikitext_and_key_apart():
+    cfg = _cfg()
+    wiki = E.setting(cfg, True)
+    idx = np.flatnonzero(np.array(wiki.domains) == "wikitext2")[:5]
+    a = DS.run_config(cfg, idx, seed=0, tag="wiki")
+    b = DS.run_config(cfg, idx, seed=0, tag="wiki", with_wiki=True)
+    assert a["pool"]["with_wiki"] is False and b["pool"]["with_wiki"] is True and a["selection"] == b["selection"]
+    stream = bytes(DS.selection_stream(wiki.texts, idx).to(torch.uint8).tolist()).decode("utf-8")
+    assert stream == " ".join(wiki.pool[i]["text"] for i in idx)  # WikiText chunks, in pool order

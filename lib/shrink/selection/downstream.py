@@ -157,24 +157,27 @@ def make_eval_fn(cfg):
     return eval_fn
 
 
-def run_config(cfg, idx, *, seed: int, tag: str) -> dict:
+def run_config(cfg, idx, *, seed: int, tag: str, with_wiki: bool = False) -> dict:
     """The cache key of one run (pool, selection identity, training, evaluation, seed)."""
-    return {"model": cfg.model, "pool": E.pool_config(cfg, False),
+    return {"model": cfg.model, "pool": E.pool_config(cfg, with_wiki),
             "selection": {"tag": str(tag), "n": int(np.asarray(idx).size), "sha": selection_sha(idx)},
             "separator": cfg.separator, "batch_size": cfg.batch_size, "seqlen": cfg.seqlen, "budget": budget(cfg),
             "train": S.train_config(cfg, seed).to_dict(), "eval": eval_config(cfg), "seed": int(seed)}
 
 
-def train_on_selection(cfg, idx, *, seed: int, scale: str, tag: str) -> dict:
-    """Train ``cfg.model`` from scratch on the chunks ``idx`` of ``experiment.setting(cfg).pool`` for the
-    fixed budget and evaluate WikiText-2 test (see the module docstring). Cached as ``downstream-run``.
+def train_on_selection(cfg, idx, *, seed: int, scale: str, tag: str, with_wiki: bool = False) -> dict:
+    """Train ``cfg.model`` from scratch on the chunks ``idx`` of ``experiment.setting(cfg, with_wiki).pool``
+    for the fixed budget and evaluate WikiText-2 test (see the module docstring). Cached as ``downstream-run``.
 
     Args:
-        cfg: a :class:`DownstreamPreset` (``shrink.scales.get("data-downstream", scale)``).
+        cfg: a :class:`DownstreamPreset` (``shrink.scales.get("data-downstream", scale)``); for indices into
+            the curation baselines' smaller pool pass ``cfg.with_(max_per_domain=cfg.baseline_max_per_domain)``
+            (the pool's config is part of the record's key).
         idx: int64 chunk indices (any order, no repeats).
         seed: initial weights, window draws.
         scale: results scale.
         tag: the selection's name in the record (``"dsir-exact"``, ``"semdedup-eps0.05"``...).
+        with_wiki: ``idx`` indexes the pool with WikiText's odd validation articles (04b's second setting).
 
     Returns:
         the record's metrics: ``wiki_bpb`` / ``wiki_raw_bpb`` / ``wiki_ppl_byte`` / ``wiki_ppl_word``, ``evals``,
@@ -183,12 +186,12 @@ def train_on_selection(cfg, idx, *, seed: int, scale: str, tag: str) -> dict:
     """
     if not isinstance(tag, str) or not tag:
         raise SelectionError(f"tag={tag!r}: name the selection (e.g. 'dsir-exact'); it is part of the record.")
-    st = E.setting(cfg, False)
+    st = E.setting(cfg, with_wiki)
     stream = selection_stream(st.texts, idx, cfg.separator)  # validates idx before anything is cached
     if stream.numel() < cfg.seqlen + 1:
         raise SelectionError(f"the selection has {stream.numel()} bytes, fewer than seqlen+1 = {cfg.seqlen + 1}; "
                              "select more chunks.")
-    config = run_config(cfg, idx, seed=seed, tag=tag)
+    config = run_config(cfg, idx, seed=seed, tag=tag, with_wiki=with_wiki)
 
     def run() -> dict:
         tc = S.train_config(cfg, seed)
