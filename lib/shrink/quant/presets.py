@@ -198,12 +198,13 @@ def _rsq_presets() -> None:
                           grids=("channel",), calib_seeds=(0, 1, 2), seeded_cells=((3, "channel"),),
                           cross_seeds=(0,)),
         # cpu: 3-bit per channel, 8 x 256 calibration tokens per draw (02g: 16 x 512), 4 WikiText-2 test windows of
-        # 512, no second corpus. uniform (GPTQ) and attncon with and without rotation on 3 draws; the heuristics
-        # unrotated on the first draw; cross-question on one draw (pilot: ~70 s of one core per cell, 16 cells)
+        # 512, no second corpus. uniform (GPTQ) and attncon unrotated on 3 draws, rotated on the first; the firstn
+        # heuristic unrotated on the first draw; cross-question on one draw. Pilot: ~70 s of one idle core per
+        # cell (stats ~18 s, GPTQ sweep ~22 s, perplexity ~17 s), 11 cells + 3 dense controls ~ 14 min
         "cpu": RSQPreset(model="smollm2-135m", seqlen=512, windows=4, calib_nsamples=8, calib_seqlen=256, bits=(3,),
                          grids=("channel",), seeded_cells=((3, "channel"),), with_ood=False,
-                         rotated_strategies=("uniform", "attncon"), seeded_strategies=("uniform", "attncon"),
-                         cross_seeds=(0,)),
+                         strategies=("uniform", "attncon", "firstn"), rotated_strategies=("uniform", "attncon"),
+                         seeded_strategies=("uniform", "attncon"), seeded_rotations=("none",), cross_seeds=(0,)),
         # paper: RSQ scripts/run_rsq.sh (3-bit, rotation, 256 x 4096 calibration tokens, 3 seeds; min 0.005 max 1),
         # here on WikiText-2 with LLaMA-3-8B (LLaMA-2-7B: paper_preset-style .with_(model=...))
         "paper": RSQPreset(model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, ood_corpus="c4",

@@ -316,6 +316,8 @@ class RSQPreset(WeightOnlyPreset):
     rotated_strategies: tuple | None = None
     #: strategies measured on every calibration seed (the rest on the first seed only); None = all
     seeded_strategies: tuple | None = None
+    #: rotations measured on every calibration seed (the rest on the first seed only); None = all
+    seeded_rotations: tuple | None = None
     min_value: float = 0.005
     max_value: float = 1.0
     first_frac: float = 0.125
@@ -331,6 +333,8 @@ class RSQPreset(WeightOnlyPreset):
         if bad or "uniform" not in self.strategies:
             raise PresetError(f"strategies must be among {STRATEGIES} and include 'uniform' (the GPTQ baseline); "
                               f"got {self.strategies}, cross {self.cross_strategies}")
+        if self.seeded_rotations is not None and not set(self.seeded_rotations) <= set(self.rotations):
+            raise PresetError(f"seeded_rotations {self.seeded_rotations} must be a subset of rotations {self.rotations}")
         for name in ("rotated_strategies", "seeded_strategies"):
             v = getattr(self, name)
             if v is not None and not set(v) <= set(self.strategies):
@@ -351,10 +355,12 @@ class RSQContext(WeightOnlyContext):
         rs = self.cfg.rotated_strategies
         return rs is None or strategy in rs
 
-    def seeds_of(self, strategy: str) -> tuple:
-        """Calibration seeds a strategy is measured on (all, or the first only: ``cfg.seeded_strategies``)."""
-        ss = self.cfg.seeded_strategies
-        return tuple(self.cfg.calib_seeds) if ss is None or strategy in ss else tuple(self.cfg.calib_seeds[:1])
+    def seeds_of(self, strategy: str, rotation: str = "none") -> tuple:
+        """Calibration seeds a cell is measured on: all, or the first only (``cfg.seeded_strategies``,
+        ``cfg.seeded_rotations``)."""
+        ss, sr = self.cfg.seeded_strategies, self.cfg.seeded_rotations
+        full = (ss is None or strategy in ss) and (sr is None or rotation in sr)
+        return tuple(self.cfg.calib_seeds) if full else tuple(self.cfg.calib_seeds[:1])
 
     def rsq_config(self, strategy: str, rotation: str, seed: int, prefix: tuple | None) -> dict:
         c = self.cfg
@@ -421,14 +427,14 @@ class RSQContext(WeightOnlyContext):
 
     def spread(self, strategy: str, rotation: str = "none", metric: str = "ppl", prefix: tuple | None = None,
                seeds: tuple | None = None) -> Spread:
-        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy)))
+        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy, rotation)))
         return Spread(tuple(self.measure_rsq(strategy, rotation, s, prefix)[metric] for s in seeds),
                       kind="calibration draws" + (" and rotation signs" if rotation != "none" else ""), seeds=seeds)
 
     def paired_gap(self, strategy: str, rotation: str = "none", prefix: tuple | None = None,
                    seeds: tuple | None = None) -> Spread:
         """``ppl(strategy) - ppl(uniform)`` paired by calibration seed (same windows, same rotation)."""
-        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy)))
+        seeds = tuple(seeds or (self.cfg.cross_seeds if prefix else self.seeds_of(strategy, rotation)))
         return Spread(tuple(self.measure_rsq(strategy, rotation, s, prefix)["ppl"] -
                             self.measure_rsq("uniform", rotation, s, prefix)["ppl"] for s in seeds),
                       kind="paired by calibration draw", seeds=seeds)
