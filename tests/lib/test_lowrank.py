@@ -99,3 +99,23 @@ def test_nothing_to_do_is_an_error():
         compensate_model(m, m, torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(LowRankError, match="method"):
         compensate_model(m, m, torch.zeros(1, 4, dtype=torch.long), rank=1, method="qr")
+
+
+def test_eora_experiment_cells_on_tiny(monkeypatch, tmp_path):
+    from shrink import scales
+    from shrink.quant.compensate_experiment import EoRAContext
+
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    cfg = scales.get("eora", "tiny").with_(windows=2, calib_nsamples=2, bases=("pbllm",))
+    ctx = EoRAContext(cfg, "tiny")
+    none, eora, svd = (ctx.measure("pbllm", m, 2, 0) for m in (None, "eora", "svd"))
+    assert none["extra_params"] == 0 and eora["extra_params"] == svd["extra_params"] == ctx.extra_params(2)
+    from shrink.models import BlockRunner
+    from shrink.quant.gptq import decoder_weight_linears
+
+    numel = sum(l.weight.numel() for b in BlockRunner(ctx.model).blocks for l in decoder_weight_linears(b).values())
+    assert eora["extra_bits_per_weight"] == 16 * eora["extra_params"] / numel
+    assert all(c["ppl"] > 1 for c in (none, eora, svd))
+    # the base quantization is computed once per draw and reused (local tensor cache)
+    assert len(list((tmp_path / "cache" / "tensors").glob("eora-base-*.pt"))) == 1

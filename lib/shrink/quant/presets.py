@@ -262,3 +262,24 @@ def _pbllm_presets() -> None:
 
 
 _pbllm_presets()
+
+
+# ---- EoRA compensation of GPTQ / PB-LLM outputs (notebook 02k, issue 15) -------------------------------------
+def _eora_presets() -> None:
+    from .compensate_experiment import EoRAPreset
+
+    register("eora", {
+        "tiny": EoRAPreset(model="tiny-llama", seqlen=64, windows=4, calib_nsamples=4, calib_seqlen=64, ranks=(2, 8),
+                           calib_seeds=(0, 1)),
+        # cpu: evaluation and calibration as 02i; 3-bit GPTQ and 10 % GPTQ-PB bases, ranks 8 and 32, 3 draws
+        # (estimate: 6 base quantizations + 30 evaluations + 24 compensations, ~20 min of one idle core: too long
+        # for the 12-minute budget; trim before the first cpu run)
+        "cpu": EoRAPreset(model="smollm2-135m"),
+        # paper: the official EoRA/README.md LLaMA-3-8B 3-bit GPTQ run (--eigen_r 128, --eigen_nsamples 64; rank 64 in
+        # its kernel benchmark); calibration on C4 here (the README calibrates on the task, MathQA)
+        "paper": EoRAPreset(model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, calib_corpus="c4",
+                            calib_split="train", calib_nsamples=64, calib_seqlen=2048, ranks=(64, 128)),
+    })
+
+
+_eora_presets()
