@@ -18,7 +18,8 @@ Cholesky factor of ``H^-1`` from :func:`shrink.obs.inverse_hessian_factor`):
   ``--groupsize -1``; its ``<=`` threshold lets ties and the ``int()`` index move the count by a few weights —
   we make the count exact).
 * **salient weights**: asymmetric ``high_bits`` (8) per-row grid whose range is the *whole* row's min/max before
-  the sweep (official ``HighQuantizer(8, perchannel=True, sym=False).calibrate(W)``).
+  the sweep (official ``HighQuantizer(8, perchannel=True, sym=False).calibrate(W)``; the official code calibrates
+  before zeroing the columns of dead inputs, we after — the same unless an input is never active).
 * **binarized weights**: ``alpha_r * sign(w)`` with ``sign(0) = +1`` and ``alpha_r = mean |w_rj|`` over the
   row's non-salient weights: the minimiser of ``sum_j (w_rj - alpha sign(w_rj))^2`` (the optimal binary scale of
   XNOR-Net, used by PB-LLM Eq. 2 / Sec. 4). Fixed before the sweep, as the official code does.
