@@ -113,7 +113,10 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--max-per-domain", type=int, default=None)
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the implementations in this process (quick checks; peak RSS is then not per implementation)")
     a = p.parse_args(argv)
+    spawn = (lambda fn, *args: fn(*args)) if a.in_process else _spawn
 
     from scipy.stats import spearmanr
 
@@ -133,9 +136,9 @@ def main(argv=None) -> dict:
                 f.write(json.dumps({"id": r["id"], "text": r["text"]}) + "\n")
     print(f"pool: {n} chunks, {mb:.1f} MB of text; target {len(target)} chunks; k={a.k}; {a.repeats} repeats",
           flush=True)
-    impls = {"official": lambda w: _spawn(run_official, raw_path, tgt_path, w, a.k),
-             "exact": lambda w: _spawn(run_ours, "exact", raw_path, tgt_path, w, a.k),
-             "fast": lambda w: _spawn(run_ours, "fast", raw_path, tgt_path, w, a.k)}
+    impls = {"official": lambda w: spawn(run_official, raw_path, tgt_path, w, a.k),
+             "exact": lambda w: spawn(run_ours, "exact", raw_path, tgt_path, w, a.k),
+             "fast": lambda w: spawn(run_ours, "fast", raw_path, tgt_path, w, a.k)}
     runs: dict[str, list[dict]] = {m: [] for m in impls}
     for r in range(a.repeats):
         for m, fn in impls.items():
