@@ -38,6 +38,8 @@ class FlexRoundPreset(Preset):
         steps, batch_size, lr, schedule, target: FlexRound's reconstruction per block (:class:`FlexRoundSpec`).
         eval_at: steps at which every block's calibration / held-out block MSE is logged.
         budget_bits, budget_seed, budgets: the budget sweep (steps per block; 0 = RTN through the same loop).
+        seeded_bits: bit widths measured on every seed of ``calib_seeds`` (the others on the first seed only;
+            None = all of ``bits``).
     """
 
     weight_only: str = "weight-only"
@@ -60,8 +62,11 @@ class FlexRoundPreset(Preset):
     budget_bits: int = 3
     budget_seed: int = 0
     budgets: tuple = (0, 2, 8, 32)
+    seeded_bits: tuple | None = None
 
     def check(self) -> None:
+        if self.seeded_bits is not None and not set(self.seeded_bits) <= set(self.bits):
+            raise PresetError(f"seeded_bits {self.seeded_bits} must be a subset of bits {self.bits}")
         if not self.calib_seeds:
             raise PresetError("calib_seeds needs at least one seed, e.g. (0, 1, 2)")
         if self.budget_bits not in self.bits:
@@ -144,9 +149,14 @@ class FlexRoundContext:
 
         return results.cached("flexround", self.config(bits, seed, steps), run, scale=self.scale, chapter=CHAPTER)
 
+    def seeds_for(self, bits: int) -> tuple:
+        """The calibration seeds FlexRound is measured on at ``bits`` (``seeded_bits``)."""
+        c = self.cfg
+        return c.calib_seeds if c.seeded_bits is None or bits in c.seeded_bits else c.calib_seeds[:1]
+
     def spread(self, bits: int, metric: str = "ppl", steps: int | None = None) -> Spread:
-        """FlexRound ``metric`` over the calibration draws."""
-        seeds = self.cfg.calib_seeds
+        """FlexRound ``metric`` over the calibration draws of ``bits`` (:meth:`seeds_for`)."""
+        seeds = self.seeds_for(bits)
         return Spread(tuple(self.measure(bits, s, steps)[metric] for s in seeds), kind="calibration draws",
                       seeds=seeds)
 
