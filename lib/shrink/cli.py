@@ -6,6 +6,8 @@
     shrink check build/executed/tiny/00-start/00-tour.ipynb     # is an executed notebook complete?
     shrink export OUT_DIR --model smollm2-135m --prune wanda:0.5    # or sparsegpt:2:4, magnitude:0.5
     shrink export OUT_DIR --model smollm2-135m --quant w8a8         # or w8, w4g128 (compressed-tensors)
+    shrink select dsir --pool 'shards/*.jsonl.zst' --target t.txt --k 1000 [--ray ADDRESS|local]
+    shrink sweep dsir-kl --scale tiny [--ray ADDRESS|local|none] [--only seed=0]   # a grid as Ray tasks
 
 Bad input prints ``{"error": <ShrinkError class>, "message": <problem and fix>}`` and exits with status 2;
 any other exception is a bug: ``{"error": "internal", "type": ..., "message": <its last line>}``, status 1.
@@ -282,11 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--overwrite", action="store_true")
     from .selection.cli import add_parser as _select_parser, cmd_select
+    from .sweep import add_parser as _sweep_parser, cmd_sweep
     _select_parser(sub)
+    _sweep_parser(sub)
     args = p.parse_args(argv)
     try:
         result = {"info": cmd_info, "ppl": cmd_ppl, "run": cmd_run, "check": cmd_check, "select": cmd_select,
-                  "export": cmd_export}[args.cmd](args)
+                  "sweep": cmd_sweep, "export": cmd_export}[args.cmd](args)
         text = json.dumps(result, indent=1, default=str, allow_nan=False)
     except ShrinkError as exc:
         _print({"error": type(exc).__name__, "message": str(exc)})

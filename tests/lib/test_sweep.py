@@ -1,0 +1,90 @@
+"""``shrink sweep`` on a local Ray instance with 2 workers at tiny scale (the dsir-kl grid of notebook 04b):
+records identical to the sequential path, a second run computes nothing, a worker killed mid-sweep loses no
+finished cell and the rerun computes only the lost ones. One Ray session for the module."""
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from shrink import cli, distributed, sweep  # noqa: E402
+from shrink.selection.experiment import dsir_kl_run  # noqa: E402
+
+VOLATILE = ("created", "seconds")  # when and how long: the only fields allowed to differ
+
+
+@pytest.fixture(scope="module")
+def session():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the crashing cell below ships by value
+    distributed.init_local(2)
+    yield ray
+    ray.shutdown()
+
+
+def _records(root: Path) -> dict:
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+            for p in sorted(root.rglob("*.json"))}
+
+
+def _mtimes(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.json")}
+
+
+def test_ray_sweep_equals_sequential_and_resumes(session, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "seq"))
+    seq = sweep.sweep("dsir-kl", "tiny")
+    assert (seq["computed"], seq["reused"], seq["failed"]) == (6, 0, 0)
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "ray"))
+    par = sweep.sweep("dsir-kl", "tiny", ray=session, max_in_flight=2)
+    assert (par["computed"], par["reused"], par["failed"]) == (6, 0, 0)
+    assert all(c["pid"] != os.getpid() for c in par["cells"])
+    a, b = _records(tmp_path / "seq"), _records(tmp_path / "ray")
+    assert len(a) == 6 and a == b  # same files, same configs, metrics, versions, code and kernel set
+    before = _mtimes(tmp_path / "ray")
+    again = sweep.sweep("dsir-kl", "tiny", ray=session, max_in_flight=2)
+    assert (again["computed"], again["reused"], again["failed"]) == (0, 6, 0)
+    assert _mtimes(tmp_path / "ray") == before
+
+
+def _crash_on_seed_1(cfg, *, scale, with_wiki, seed):
+    if seed == 1:
+        os._exit(1)  # the worker process dies mid-cell, as when a node is preempted or OOM-killed
+    return dsir_kl_run(cfg, scale=scale, with_wiki=with_wiki, seed=seed)
+
+
+def test_killed_worker_loses_nothing_finished(session, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "res"))
+    crashing = replace(sweep.get("dsir-kl"), run=_crash_on_seed_1)
+    out = sweep.sweep(crashing, "tiny", ray=session, max_in_flight=2, max_retries=0)
+    assert (out["computed"], out["failed"]) == (4, 2)
+    failed = [c for c in out["cells"] if c["status"] == "failed"]
+    assert {c["cell"]["seed"] for c in failed} == {1} and all(c["message"] or c["error"] for c in failed)
+    kept = _mtimes(tmp_path / "res")
+    assert len(kept) == 4
+    rerun = sweep.sweep("dsir-kl", "tiny", ray=session, max_in_flight=2)
+    assert (rerun["computed"], rerun["reused"], rerun["failed"]) == (2, 4, 0)
+    assert {c["cell"]["seed"] for c in rerun["cells"] if c["status"] == "computed"} == {1}
+    after = _mtimes(tmp_path / "res")
+    assert all(after[p] == t for p, t in kept.items())  # finished records untouched
+
+
+def test_cli_sweep_only_and_bad_input(session, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "res"))
+    cli.main(["sweep", "dsir-kl", "--scale", "tiny", "--only", "seed=0", "--only", "with_wiki=false"])
+    out = json.loads(capsys.readouterr().out)
+    assert [c["cell"] for c in out["cells"]] == [{"with_wiki": False, "seed": 0}] and out["computed"] == 1
+    for argv, words in ((["sweep", "nope", "--scale", "tiny"], "dsir-kl"),
+                        (["sweep", "dsir-kl", "--scale", "tiny", "--only", "lr=1"], "dimension"),
+                        (["sweep", "dsir-kl", "--scale", "tiny", "--only", "seed=9"], "matches no cell"),
+                        (["sweep", "dsir-kl", "--scale", "huge"], "huge")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        msg = json.loads(capsys.readouterr().out)
+        assert e.value.code == 2 and words in msg["message"], msg
