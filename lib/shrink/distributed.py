@@ -76,7 +76,8 @@ def local_init_kwargs(workers: int | None) -> dict:
     """``ray.init`` arguments of the local instance: ``workers`` CPUs, no dashboard, 128 MB object store."""
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise BadInputError(f"workers={workers!r} must be a positive integer (the number of Ray workers), e.g. 2.")
-    return {"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False,
+    # address="local": always a new instance, never a cluster that `ray start` left on this machine
+    return {"address": "local", "num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False,
             "object_store_memory": 128 * 2**20, "log_to_driver": False,
             "runtime_env": {"env_vars": {"SHRINK_THREADS": "1", "OMP_NUM_THREADS": "1"}}}
 
@@ -247,6 +248,26 @@ def load_npy(path: str | Path) -> np.ndarray | None:
         return None
 
 
-def stamp() -> dict:
-    """What a task reports about where and how long it ran: pid, host, process CPU and wall clock now."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "cpu": time.process_time(), "wall": time.time()}
+def _status_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def stamp(reset_peak: bool = False) -> dict:
+    """What a task reports about where and how long it ran: pid, host, process CPU and wall clock now, and
+    the process's peak RSS in MiB (Linux ``VmHWM``; ``reset_peak`` resets it first, so that a reused worker
+    process reports the peak of this task; NaN where ``/proc`` has no such field)."""
+    if reset_peak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+    return {"pid": os.getpid(), "host": socket.gethostname(), "cpu": time.process_time(), "wall": time.time(),
+            "peak_rss_mb": _status_mb("VmHWM")}

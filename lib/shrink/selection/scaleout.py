@@ -78,25 +78,25 @@ def _read(path: str) -> tuple[list, Iterable[str]]:
 
 def fit_shard(path: str, out: str, params: dict) -> dict:
     """Task: featurise one shard, write its counts, per-example n-gram totals and ids (``out``, .npz)."""
-    s = distributed.stamp()
+    s = distributed.stamp(reset_peak=True)
     ids, texts = _read(path)
     feats = _featurizer(params)(texts)
     distributed.atomic_save_npz(out, counts=feats.counts(), totals=feats.ngram_totals(),
                                 ids=np.array(json.dumps(ids)))
     e = distributed.stamp()
     return {"stage": "fit", "shard": path, "n": len(feats), "cpu_s": e["cpu"] - s["cpu"],
-            "wall_s": e["wall"] - s["wall"], "pid": s["pid"], "host": s["host"]}
+            "wall_s": e["wall"] - s["wall"], "pid": s["pid"], "host": s["host"], "peak_rss_mb": e["peak_rss_mb"] - s["peak_rss_mb"]}
 
 
 def score_shard(path: str, out: str, params: dict, log_diff: np.ndarray) -> dict:
     """Task: featurise one shard again and write ``z_i · log_diff`` (float64 ``[n_s]``, ``out``, .npy)."""
-    s = distributed.stamp()
+    s = distributed.stamp(reset_peak=True)
     ids, texts = _read(path)
     feats = _featurizer(params)(texts)
     distributed.atomic_save_npy(out, feats.score(np.asarray(log_diff, np.float64)))
     e = distributed.stamp()
     return {"stage": "score", "shard": path, "n": len(feats), "cpu_s": e["cpu"] - s["cpu"],
-            "wall_s": e["wall"] - s["wall"], "pid": s["pid"], "host": s["host"]}
+            "wall_s": e["wall"] - s["wall"], "pid": s["pid"], "host": s["host"], "peak_rss_mb": e["peak_rss_mb"] - s["peak_rss_mb"]}
 
 
 class _TopK:
@@ -153,7 +153,8 @@ def select_sharded(pool: str | Sequence[str], target: Sequence[str], k: int, *, 
     Returns:
         dict: ``indices`` (sorted global indices, list of int), ``pool_chunks``, ``eligible``,
         ``boundary_tie``, ``log_weight_range``, per-stage ``computed`` / ``reused`` shard counts, summed task
-        CPU seconds and wall seconds per stage, the worker pids, and ``ids`` when asked.
+        CPU seconds and wall seconds per stage, the worker pids, the largest peak RSS of a task above its
+        start (MiB, ``task_peak_rss_mb``), and ``ids`` when asked.
     """
     paths = [str(p) for p in shard_paths(pool)]
     target = list(target)
@@ -181,7 +182,8 @@ def select_sharded(pool: str | Sequence[str], target: Sequence[str], k: int, *, 
         raise ShardError(f"a fit output under {out_dir / 'fit'} could not be read back right after it was written; "
                          "check the disk (free space, permissions) and rerun.")
     stats["fit"] = {"computed": len(todo), "reused": len(paths) - len(todo), "wall_s": time.time() - t0,
-                    "task_cpu_s": sum(r["cpu_s"] for r in done), "pids": sorted({r["pid"] for r in done})}
+                    "task_cpu_s": sum(r["cpu_s"] for r in done), "pids": sorted({r["pid"] for r in done}),
+                    "task_peak_rss_mb": max((r["peak_rss_mb"] for r in done), default=None)}
 
     tf = _featurizer(params)(target)
     d = DSIR(mode=mode, ngrams=ngrams, num_buckets=num_buckets, min_example_length=min_example_length,
@@ -195,7 +197,8 @@ def select_sharded(pool: str | Sequence[str], target: Sequence[str], k: int, *, 
     done = _run_stage(score_shard, [(paths[i], str(score_out[i]), params, ld) for i in todo], ray, max_in_flight,
                       "score")
     stats["score"] = {"computed": len(todo), "reused": len(paths) - len(todo), "wall_s": time.time() - t0,
-                      "task_cpu_s": sum(r["cpu_s"] for r in done), "pids": sorted({r["pid"] for r in done})}
+                      "task_cpu_s": sum(r["cpu_s"] for r in done), "pids": sorted({r["pid"] for r in done}),
+                      "task_peak_rss_mb": max((r["peak_rss_mb"] for r in done), default=None)}
 
     # 3. merge: streaming global (Gumbel) top-k
     t0, c0 = time.time(), time.process_time()

@@ -99,7 +99,8 @@ def ray_scaling(pool: list[dict], target: list[str], *, k: int, n_shards: int, w
                 "wall_fit_s": st["fit"]["wall_s"], "wall_score_s": st["score"]["wall_s"],
                 "wall_merge_s": st["merge"]["wall_s"], "task_cpu_s": st["fit"]["task_cpu_s"] + st["score"]["task_cpu_s"],
                 "load_before": l0, "load_after": _load(), "gumbel": g["indices"], "topk": t["indices"],
-                "pids": sorted(set(st["fit"]["pids"]) | set(st["score"]["pids"])), "wall_total_s": time.time() - t0}
+                "pids": sorted(set(st["fit"]["pids"]) | set(st["score"]["pids"])), "wall_total_s": time.time() - t0,
+                "task_peak_rss_mb": max(st["fit"]["task_peak_rss_mb"], st["score"]["task_peak_rss_mb"])}
 
     runs: list[dict] = []
     t_start = time.time()
@@ -128,7 +129,10 @@ def ray_scaling(pool: list[dict], target: list[str], *, k: int, n_shards: int, w
                          "chunks_per_task_cpu_s": n / cpu, "mb_per_task_cpu_s": mb / cpu,
                          "wall_s_all": [x["wall_s"] for x in rs],
                          "load": [[x["load_before"], x["load_after"]] for x in rs],
-                         "workers_seen": max(len(x["pids"]) for x in rs)}
+                         "workers_seen": max(len(x["pids"]) for x in rs),
+                         # peak RSS of one shard task above its start (None in-process: not per task)
+                         "task_peak_rss_mb": max((x["task_peak_rss_mb"] for x in rs if x.get("task_peak_rss_mb")
+                                                  is not None), default=None)}
     w1, wmax = f"ray-{min(workers)}", f"ray-{max(workers)}"
     return {"pool_chunks": n, "pool_mb": mb, "n_shards": len(paths), "k": k, "mode": mode, "repeats": repeats,
             "workers": list(workers), "ray_cpus": ray_cpus or max(workers), "ray_startup_s": startup_s, "ray_warmup_s": warmup_s,
