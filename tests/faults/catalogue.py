@@ -194,6 +194,13 @@ def _(ctx):
     return cli_inprocess([*_select_pool(ctx), "--workers", "2"])
 
 
+# shrink sweep: bad input fails before a Ray instance is started
+cli_row("cli-sweep-unknown-experiment", ["sweep", "dsir-kll", "--scale", "tiny"], ("dsir-kll", "dsir-kl"))
+cli_row("cli-sweep-only-not-key-value", ["sweep", "dsir-kl", "--scale", "tiny", "--only", "seed"],
+        ("KEY=VALUE", "--only seed=0"))
+cli_row("cli-sweep-unknown-scale", ["sweep", "dsir-kl", "--scale", "huge"], ("huge",))
+
+
 @row("cli-ppl-nan-model", "cli", ("NaN",))
 def _(ctx):
     """The model produces NaN logits: the CLI must not print NaN (invalid JSON) with exit 0."""
