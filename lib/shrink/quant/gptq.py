@@ -177,7 +177,8 @@ def decoder_weight_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: WeightQuantSpec, *,
-                   heldout_ids: torch.Tensor | None = None, token_weights=None, verbose: bool = True) -> dict:
+                   heldout_ids: torch.Tensor | None = None, token_weights=None, runner=None,
+                   verbose: bool = True) -> dict:
     """Quantize every decoder linear in place, block by block (GPTQ's sequential procedure).
 
     GPTQ's statistics come from the *quantized* stream (the inputs of block ``i`` are the outputs of the
@@ -191,6 +192,8 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
         heldout_ids: int64 ``[Nh, Th]`` for held-out block errors (optional).
         token_weights: RSQ's per-token Hessian weights, ``(block index, block, inputs [N, T, D]) -> [N, T]``
             (:func:`shrink.quant.rsq.token_weight_fn`); None = GPTQ (GPTQ only).
+        runner: the block runner (default ``BlockRunner(model)``; :class:`shrink.quant.rsq.PrefixBlockRunner` runs
+            every block from a fixed key/value prefix).
     Returns:
         ``{"spec", "blocks" (per-block App. A errors), "final", "times", "bits_per_weight"}``.
     """
@@ -201,7 +204,7 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
     if token_weights is not None and spec.method != "gptq":
         raise QuantError("token_weights (RSQ) weight GPTQ's Hessian; RTN uses no calibration statistics — use "
                          "method='gptq' or drop token_weights")
-    runner = BlockRunner(model)
+    runner = runner if runner is not None else BlockRunner(model)
     if calib_ids is None:
         if spec.method == "gptq":
             raise QuantError("GPTQ needs calibration windows: pass shrink.data.calibration_set(tok, ...)")

@@ -55,7 +55,7 @@ from torch import nn
 from .. import results
 from ..attention import layer_qkv, probs_from_qk
 from ..eval import Spread
-from ..models import KVPrefix, decoder_blocks
+from ..models import BlockRunner, KVPrefix, _Captured
 from ..scales import PresetError
 from .gptq import WeightQuantSpec, quantize_model
 from .quantizer import QuantError
@@ -105,7 +105,7 @@ def attention_concentration(model: nn.Module, layer: int, hidden: torch.Tensor, 
 def token_weights(strategy: str, hidden: torch.Tensor | None = None, *, model: nn.Module | None = None,
                   layer: int = 0, n: int | None = None, t: int | None = None, skip: int = 0,
                   min_value: float = 0.005, max_value: float = 1.0, first_frac: float = 1 / 8,
-                  sink: int = 1) -> torch.Tensor:
+                  sink: int = 1, prefix: KVPrefix | None = None) -> torch.Tensor:
     """Per-token Hessian weights ``[N, T]`` (fp32, mean 1 over the text positions of every sequence, 0 on the
     ``skip`` prefix positions) for one block.
 
@@ -118,6 +118,8 @@ def token_weights(strategy: str, hidden: torch.Tensor | None = None, *, model: n
         min_value, max_value: ``attncon``'s min-max range (official 0.005, 1).
         first_frac: ``firstn``'s kept fraction of the text (official 1/8).
         sink: ``dropsink``'s number of leading text positions with weight 0.
+        prefix: a key/value prefix every sequence starts from (:class:`PrefixBlockRunner`): ``attncon`` then
+            counts the text columns of the attention that includes the prefix keys.
     """
     if strategy not in STRATEGIES:
         raise QuantError(f"unknown RSQ token-weight strategy {strategy!r}; use one of {STRATEGIES}")
@@ -135,7 +137,8 @@ def token_weights(strategy: str, hidden: torch.Tensor | None = None, *, model: n
     elif strategy == "attncon":
         if model is None or hidden is None:
             raise QuantError("attncon token weights need the model and the block input (model=, hidden=)")
-        c = attention_concentration(model, layer, hidden, skip)
+        c = (attention_concentration_prefixed(model, layer, hidden, prefix) if prefix is not None
+             else attention_concentration(model, layer, hidden, skip))
         w = torch.stack([minmax_normalize(row, min_value, max_value) for row in c])
     elif strategy == "firstn":
         k = int(tt * first_frac)
@@ -153,13 +156,14 @@ def token_weights(strategy: str, hidden: torch.Tensor | None = None, *, model: n
 
 
 def token_weight_fn(model: nn.Module, strategy: str, *, skip: int = 0, min_value: float = 0.005,
-                    max_value: float = 1.0, first_frac: float = 1 / 8, sink: int = 1, record: list | None = None):
+                    max_value: float = 1.0, first_frac: float = 1 / 8, sink: int = 1, record: list | None = None,
+                    prefix: KVPrefix | None = None):
     """The ``token_weights`` callback of :func:`shrink.quant.quantize_model` / :func:`shrink.blockwise.sequential`:
     ``(block index, block, inputs [N, T, D]) -> [N, T]``. ``record`` (a list) collects per-block summaries
     (share of the weight on the first text token, max weight)."""
     def fn(b, _block, x):
         w = token_weights(strategy, x, model=model, layer=b, skip=skip, min_value=min_value, max_value=max_value,
-                          first_frac=first_frac, sink=sink)
+                          first_frac=first_frac, sink=sink, prefix=prefix)
         if record is not None:
             tot = w.sum(1)
             record.append({"block": b, "first_share": float((w[:, skip] / tot).mean()), "max": float(w.max())})
@@ -300,6 +304,81 @@ def rotate_model(model: nn.Module, mode: str = "hadamard", seed: int = 0, heads:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# A CushionCache prefix in the block loop
+# --------------------------------------------------------------------------------------------------------------
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+
+
+class PrefixBlockRunner(BlockRunner):
+    """:class:`shrink.models.BlockRunner` whose every block call starts from a fixed key/value prefix
+    (CushionCache's design: the prefix is a stored full-precision cache, never recomputed by the quantized model).
+
+    Every :meth:`run_block` gets a fresh cache holding the prefix (transformers caches are mutated in place), and
+    the captured keyword arguments (mask over prefix + text, RoPE positions after the prefix) come from a real
+    forward with that cache. ``logits(ids)`` equals :class:`shrink.models.PrefixedLM` (tested)."""
+
+    def __init__(self, model: nn.Module, prefix: KVPrefix):
+        super().__init__(model)
+        self.prefix = prefix
+        self._cache_key = "cache"
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        store: dict = {}
+
+        def hook(_module, args, kwargs):
+            store["hidden"] = args[0] if args else kwargs["hidden_states"]
+            store["keys"] = [k for k in _CACHE_KEYS if k in kwargs]
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _CACHE_KEYS}
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids.to(self.device), past_key_values=self.prefix.cache(input_ids.shape[0]),
+                       use_cache=True)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if not store.get("keys"):
+            raise QuantError("the decoder blocks of this model receive no cache argument; a key/value prefix cannot "
+                             "be replayed block by block (use a LLaMA-like model)")
+        self._cache_key = store["keys"][0]
+        self._kwargs.setdefault(tuple(input_ids.shape), store["kwargs"])
+        return store["hidden"]
+
+    def run_block(self, i: int, hidden: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+        b, t, _ = hidden.shape
+        kw = dict(self.block_kwargs(b, t))
+        kw[self._cache_key] = self.prefix.cache(b)
+        out = (block or self.blocks[i])(hidden, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def attention_concentration_prefixed(model: nn.Module, layer: int, hidden: torch.Tensor,
+                                     prefix: KVPrefix) -> torch.Tensor:
+    """:func:`attention_concentration` when every sequence starts from the key/value ``prefix``: text queries
+    attend to the prefix keys and the causal text keys; the column sums of the *text* keys ``[N, T]`` are
+    returned (the prefix takes its share of every softmax row, as it does in the model)."""
+    P = prefix.length
+    dev = next(model.parameters()).device
+    out = []
+    for n in range(hidden.shape[0]):
+        x = hidden[n:n + 1].to(dev)
+        pos = torch.arange(P, P + x.shape[1], device=dev)[None]
+        qk = layer_qkv(model, layer, x, position_ids=pos, values=False)
+        kp = prefix.keys[layer].to(dev).float()
+        kp = kp.repeat_interleave(qk.q.shape[1] // kp.shape[1], dim=1)
+        logits_p = (qk.q.float() @ kp.transpose(-1, -2)) * qk.scaling               # [1, H, T, P]
+        logits_t = (qk.q.float() @ qk.k.float().transpose(-1, -2)) * qk.scaling     # [1, H, T, T]
+        t = logits_t.shape[-1]
+        logits_t = logits_t.masked_fill(torch.ones(t, t, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        A = torch.cat([logits_p, logits_t], -1).softmax(-1)[..., P:]
+        out.append(A[0].sum((0, 1)).float().cpu())
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Experiments (notebook 02h)
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -365,16 +444,20 @@ class RSQContext(WeightOnlyContext):
     def rsq_config(self, strategy: str, rotation: str, seed: int, prefix: tuple | None) -> dict:
         c = self.cfg
         base = self.config("gptq", c.rsq_bits, c.rsq_grid, seed)
-        return {**base, "ood": base["ood"] if c.with_ood else None, "rsq": strategy, "rotation": rotation,
+        conf = {**base, "ood": base["ood"] if c.with_ood else None, "rsq": strategy, "rotation": rotation,
                 "rotation_seed": seed if rotation != "none" else None,
                 "weights": [c.min_value, c.max_value] if strategy == "attncon" else
                            c.first_frac if strategy == "firstn" else c.sink if strategy == "dropsink" else None,
                 "prefix": list(prefix) if prefix else None}
+        if prefix:
+            conf["prefix_kv"] = "fp-cache"   # the prefix's cache is the full-precision model's, held fixed
+        return conf
 
     def measure_rsq(self, strategy: str, rotation: str = "none", seed: int = 0, prefix: tuple | None = None) -> dict:
-        """Cached cell: ``{"ppl", "ppl_ood", "err_calib", "first_share", "times"}``. ``prefix``: token ids
-        prepended to every calibration window (weight 0) and, as a key/value prefix of the quantized model,
-        to every evaluation window."""
+        """Cached cell: ``{"ppl", "ppl_ood", "err_calib", "first_share", "times"}``. ``prefix``: token ids whose
+        key/value cache is computed once by the full-precision (rotated) model and then held fixed, CushionCache's
+        design: every calibration block call (:class:`PrefixBlockRunner`) and every evaluation window start from
+        it; the prefix never enters the Hessian."""
         c = self.cfg
         spec = WeightQuantSpec(method="gptq", grid=grid_spec(c.rsq_grid, c.rsq_bits), act_order=c.act_order)
         conf = self.rsq_config(strategy, rotation, seed, prefix)
@@ -384,15 +467,12 @@ class RSQContext(WeightOnlyContext):
             if rotation != "none":
                 rotate_model(m, rotation, seed)
             ids = self.calib(seed)
-            skip = 0
-            if prefix:
-                p = torch.tensor(prefix, dtype=torch.long)
-                ids, skip = torch.cat([p[None].expand(ids.shape[0], -1), ids], 1), len(prefix)
+            kv = KVPrefix.from_tokens(m, list(prefix)) if prefix else None   # full precision, then fixed
             rec: list = []
-            fn = token_weight_fn(m, strategy, skip=skip, min_value=c.min_value, max_value=c.max_value,
-                                 first_frac=c.first_frac, sink=c.sink, record=rec)
-            res = quantize_model(m, ids, spec, token_weights=fn, verbose=False)
-            kv = KVPrefix.from_tokens(m, list(prefix)) if prefix else None
+            fn = token_weight_fn(m, strategy, min_value=c.min_value, max_value=c.max_value, first_frac=c.first_frac,
+                                 sink=c.sink, record=rec, prefix=kv)
+            res = quantize_model(m, ids, spec, token_weights=fn, runner=PrefixBlockRunner(m, kv) if kv else None,
+                                 verbose=False)
             out = {"ppl": self._ppl_p(m, c.eval_corpus, c.eval_split, kv),
                    "ppl_ood": self._ppl_p(m, c.ood_corpus, c.ood_split, kv) if c.with_ood else None,
                    "err_calib": res["final"]["err_calib"], "first_share": [r["first_share"] for r in rec],
@@ -441,5 +521,6 @@ class RSQContext(WeightOnlyContext):
 
 
 __all__ = ["STRATEGIES", "ROTATIONS", "token_weights", "token_weight_fn", "attention_concentration",
+           "attention_concentration_prefixed", "PrefixBlockRunner",
            "minmax_normalize", "mean_one", "hadamard", "orthogonal", "fold_norms", "rotate_model", "RSQPreset",
            "RSQContext"]
