@@ -10,7 +10,8 @@ Minimization" (Shin, Park, Lee, Lee; EMNLP 2024) on top of SparseGPT (Frantar & 
 - :mod:`~shrink.pruning.sparsegpt`   SparseGPT's OBS solve (shared-Hessian groups)
 - :mod:`~shrink.obs`                 (core) input statistics, inverse-Hessian factor, OBS sweep — shared with quant
 - :mod:`~shrink.pruning.sequential`  the block loop with sparse and dense streams (:func:`prune_model`)
-- :mod:`~shrink.pruning.reconstruct` BR / GP / CR training with fixed masks
+- :mod:`~shrink.pruning.reconstruct` BR / GP / CR training with fixed masks (on the core
+  :mod:`shrink.reconstruction`, shared with FlexRound)
 - :mod:`~shrink.blockwise`           (core) the sequential two-stream loop and the error metric (App. A)
 - :mod:`~shrink.pruning.selfgen`     self-generated calibration data (App. C)
 - :mod:`~shrink.pruning.compensate`  EoRA low-rank and FLAP-style bias compensation (training-free)

@@ -5,6 +5,7 @@
 - :mod:`~shrink.quant.smoothquant` :func:`act_scales`, :func:`smooth_model`
 - :mod:`~shrink.quant.cushioncache` :func:`greedy_search` (Alg. 1), :func:`tune_prefix` (stage 2)
 - :mod:`~shrink.quant.diagnostics` residual / linear-input stats, attention mass, kurtosis, Table 5
+- :mod:`~shrink.quant.flexround`   FlexRound learned rounding (block reconstruction on :mod:`shrink.reconstruction`)
 - :mod:`~shrink.quant.rsq`         RSQ: token-weighted GPTQ Hessian, QuaRot-style rotation folded into the weights
 - :mod:`~shrink.quant.presets`     quantizer conventions and the ``bits`` experiment presets
 
