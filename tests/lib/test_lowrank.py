@@ -119,3 +119,25 @@ def test_eora_experiment_cells_on_tiny(monkeypatch, tmp_path):
     assert all(c["ppl"] > 1 for c in (none, eora, svd))
     # the base quantization is computed once per draw and reused (local tensor cache)
     assert len(list((tmp_path / "cache" / "tensors").glob("eora-base-*.pt"))) == 1
+
+
+def test_eora_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir):
+    """02k's paper preset (LLaMA-3-8B, C4 calibration) on a random-init stand-in and a local C4-format file, shrunk
+    to a few short windows: the base alone and one EoRA cell, with the exact extra-parameter count."""
+    from conftest import c4_like_file
+    from shrink import scales
+    from shrink.quant.compensate_experiment import EoRAContext
+
+    monkeypatch.setenv("SHRINK_STANDINS", "1")
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SHRINK_C4_FILES", str(c4_like_file(tmp_path / "c4-train.00000-of-01024.json")))
+    cfg = scales.get("eora", "paper").with_(seqlen=64, windows=2, calib_nsamples=2, calib_seqlen=64, ranks=(2,),
+                                            bases=("gptq",), methods=("eora",))
+    assert cfg.calib_corpus == "c4"
+    ctx = EoRAContext(cfg, "paper")
+    assert ctx.model.shrink_info["standin_for"] == "meta-llama/Meta-Llama-3-8B"
+    base, cell = ctx.measure("gptq", None, 0, 0), ctx.measure("gptq", "eora", 2, 0)
+    assert base["ppl"] > 1 and cell["ppl"] > 1 and base["extra_params"] == 0
+    assert cell["extra_params"] == ctx.extra_params(2) > 0
+    assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("eora-*.json"))) == 2

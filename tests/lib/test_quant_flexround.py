@@ -175,3 +175,24 @@ def test_unit_mse_is_the_plain_mean():
     Y = X @ W.T
     f = lambda x: x @ (W * 1.1).T  # noqa: E731
     assert unit_mse(f, X, Y, "cpu", batch=3) == pytest.approx(float(((f(X).double() - Y.double()) ** 2).mean()), rel=1e-12)
+
+
+def test_flexround_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir):
+    """The paper preset's code path (LLaMA-2-7B, C4 calibration, WikiText-2 held-out blocks and evaluation) on a
+    random-init stand-in and a local C4-format file, shrunk to a few short windows and two steps per block."""
+    from conftest import c4_like_file
+    from shrink import scales
+    from shrink.quant.flexround_exp import FlexRoundContext
+
+    monkeypatch.setenv("SHRINK_STANDINS", "1")
+    monkeypatch.setenv("SHRINK_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("SHRINK_C4_FILES", str(c4_like_file(tmp_path / "c4-train.00000-of-01024.json")))
+    cfg = scales.get("flexround", "paper").with_(calib_nsamples=2, calib_seqlen=64, heldout_nsamples=2,
+                                                 heldout_seqlen=64, steps=2, eval_at=(0, 2), budgets=(0, 2))
+    assert cfg.calib_corpus == "c4" and cfg.steps == 2
+    ctx = FlexRoundContext(cfg, "paper")
+    ctx.wo.cfg = ctx.wo.cfg.with_(seqlen=64, windows=2)
+    assert ctx.wo.model.shrink_info["standin_for"] == "meta-llama/Llama-2-7b-hf"
+    cell = ctx.measure(3, 0)
+    assert cell["ppl"] > 1 and cell["err_calib"] > 0 and cell["bits_per_weight"] == 3
+    assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("flexround-*.json"))) == 1
