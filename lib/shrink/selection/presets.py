@@ -266,5 +266,6 @@ register("recovery", {
 
 # The Q-Tuning preset (04e) lives beside its experiment functions; importing it here registers it with the rest.
 from . import qtuning_experiment  # noqa: E402,F401
-# The downstream (04k), dedup (04j) and speed (04l) presets live beside their runners, likewise.
-from . import dedup, downstream, speed  # noqa: E402,F401
+# The downstream preset (04k) lives beside its runner, likewise. The dedup (04j) and speed (04l) presets, which
+# build on it, are registered through shrink.scales.PRESET_MODULES (importing them here would be circular).
+from . import downstream  # noqa: E402,F401
