@@ -20,8 +20,9 @@ import torch
 from .. import data, eval as ev, results
 from ..eval import Spread
 from ..lowrank import LOWRANK_METHODS
-from ..models import BlockRunner, load
+from ..models import BlockRunner
 from ..scales import Preset, PresetError
+from .weightonly import LazyModelContext
 from .compensate import compensate_quantized, extra_parameters_of
 from .gptq import WeightQuantSpec, decoder_weight_linears, quantize_model
 from .pbllm import PBSpec, pbllm_model
@@ -63,30 +64,12 @@ class EoRAPreset(Preset):
             raise PresetError("calib_seeds needs at least one seed, e.g. (0, 1, 2)")
 
 
-class EoRAContext:
+class EoRAContext(LazyModelContext):
     """Model, evaluation stream, calibration draws and cached base quantizations of an :class:`EoRAPreset`."""
 
     def __init__(self, cfg: EoRAPreset, scale: str):
-        self.cfg, self.scale = cfg, scale
-        self._model = self._tok = self._stream = None
-
-    def _load(self):
-        if self._model is None:
-            self._model, self._tok = load(self.cfg.model, seed=self.cfg.seed)
-        return self._model, self._tok
-
-    @property
-    def model(self):
-        return self._load()[0]
-
-    @property
-    def tok(self):
-        return self._load()[1]
-
-    def calib(self, seed: int) -> torch.Tensor:
-        c = self.cfg
-        return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
-                                    seqlen=c.calib_seqlen, seed=seed)
+        super().__init__(cfg, scale)
+        self._stream = None
 
     def ppl(self, model) -> float:
         c = self.cfg

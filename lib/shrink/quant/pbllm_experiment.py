@@ -18,8 +18,8 @@ import torch
 
 from .. import data, eval as ev, results
 from ..eval import Spread
-from ..models import load
 from ..scales import Preset, PresetError
+from .weightonly import LazyModelContext
 from .pbllm import PBSpec, pbllm_model
 
 CHAPTER = "02-bits"
@@ -59,35 +59,17 @@ class PBLLMPreset(Preset):
             raise PresetError("calib_seeds needs at least one seed, e.g. (0, 1, 2)")
 
 
-class PBLLMContext:
+class PBLLMContext(LazyModelContext):
     """Model, tokenizer, evaluation stream and calibration sets of a :class:`PBLLMPreset` (lazy)."""
 
     def __init__(self, cfg: PBLLMPreset, scale: str):
-        self.cfg, self.scale = cfg, scale
-        self._model = self._tok = self._stream = None
-
-    def _load(self):
-        if self._model is None:
-            self._model, self._tok = load(self.cfg.model, seed=self.cfg.seed)
-        return self._model, self._tok
-
-    @property
-    def model(self):
-        return self._load()[0]
-
-    @property
-    def tok(self):
-        return self._load()[1]
+        super().__init__(cfg, scale)
+        self._stream = None
 
     def stream(self) -> torch.Tensor:
         if self._stream is None:
             self._stream = data.eval_tokens(self.tok, self.cfg.eval_corpus, self.cfg.eval_split)
         return self._stream
-
-    def calib(self, seed: int) -> torch.Tensor:
-        c = self.cfg
-        return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
-                                    seqlen=c.calib_seqlen, seed=seed)
 
     def ppl(self, model) -> float:
         c = self.cfg

@@ -71,13 +71,14 @@ def grid_spec(name: str, bits: int) -> QuantSpec:
     raise PresetError(f"unknown weight grid {name!r}: use 'channel' or 'g<N>' (e.g. 'g32', 'g128')")
 
 
-class WeightOnlyContext:
-    """Model, tokenizer, evaluation streams and calibration sets of a :class:`WeightOnlyPreset` (lazy)."""
+class LazyModelContext:
+    """The preset's model and tokenizer, loaded on first use, and its calibration draws
+    (``cfg.calib_corpus / calib_split / calib_nsamples / calib_seqlen``): the base of the weight-only chapter's
+    experiment contexts (02g, 02i, 02k)."""
 
-    def __init__(self, cfg: WeightOnlyPreset, scale: str):
+    def __init__(self, cfg, scale: str):
         self.cfg, self.scale = cfg, scale
         self._model = self._tok = None
-        self._streams: dict = {}
 
     def _load(self):
         if self._model is None:
@@ -92,15 +93,24 @@ class WeightOnlyContext:
     def tok(self):
         return self._load()[1]
 
+    def calib(self, seed: int) -> torch.Tensor:
+        """int64 ``[calib_nsamples, calib_seqlen]``: calibration draw ``seed``."""
+        c = self.cfg
+        return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
+                                    seqlen=c.calib_seqlen, seed=seed)
+
+
+class WeightOnlyContext(LazyModelContext):
+    """Model, tokenizer, evaluation streams and calibration sets of a :class:`WeightOnlyPreset` (lazy)."""
+
+    def __init__(self, cfg: WeightOnlyPreset, scale: str):
+        super().__init__(cfg, scale)
+        self._streams: dict = {}
+
     def stream(self, corpus: str, split: str) -> torch.Tensor:
         if (corpus, split) not in self._streams:
             self._streams[corpus, split] = data.eval_tokens(self.tok, corpus, split)
         return self._streams[corpus, split]
-
-    def calib(self, seed: int) -> torch.Tensor:
-        c = self.cfg
-        return data.calibration_set(self.tok, c.calib_corpus, c.calib_split, nsamples=c.calib_nsamples,
-                                    seqlen=c.calib_seqlen, seed=seed)
 
     def _ppl(self, model, corpus, split) -> float:
         c = self.cfg
