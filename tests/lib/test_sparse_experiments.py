@@ -41,6 +41,20 @@ def test_presets_registered_and_share_the_training_config():
     assert Z._train_key(cpu, "rigl", 0.8, "uniform", 0) != Z._train_key(cpu, "rigl", 0.8, "uniform", 1)
 
 
+def test_long_preset_is_the_grid_stretched_and_keys_apart():
+    """sparse-zoo-long (01f's GMP test): every schedule knob x3, the same GMP update count, its own records."""
+    for scale in ("tiny", "cpu"):
+        short, long_ = scales.get("sparse-zoo", scale), scales.get("sparse-zoo-long", scale)
+        k = long_.steps // short.steps
+        assert k * short.steps == long_.steps and k > 1
+        assert (long_.warmup, long_.prune_start, long_.prune_end, long_.update_every) == \
+            (k * short.warmup, k * short.prune_start, k * short.prune_end, k * short.update_every)
+        assert long_.base_key() == short.base_key() and long_.lr == short.lr
+        for alg in ("dense", "gmp"):
+            assert Z._train_key(long_, alg, 0.8, "uniform", 0) != Z._train_key(short, alg, 0.8, "uniform", 0)
+    assert len(scales.get("sparse-zoo-long", "cpu").seeds()) >= 3
+
+
 def test_preset_rejects_bad_cells():
     cfg = scales.get("sparse-zoo", "tiny")
     with pytest.raises(PresetError, match="grid cell"):
