@@ -233,12 +233,27 @@ class RecoveryPreset(Preset):
     seeds: tuple = (0, 1, 2)
     full_seeds: tuple = (0,)
     ablation_seeds: tuple = (0,)
+    method_seeds: tuple = ()
+
+    def seeds_for(self, method: str) -> tuple:
+        """The seeds a method is run on: ``full_seeds`` for the full pool, ``ablation_seeds`` for PASER's
+        ``paser-no-*`` variants, else the ``method_seeds`` entry ``(method, seeds)`` if any, else ``seeds``."""
+        if method == "full":
+            return tuple(self.full_seeds)
+        if method.startswith("paser-no-"):
+            return tuple(self.ablation_seeds)
+        return tuple(dict(self.method_seeds).get(method, self.seeds))
 
     def check(self) -> None:
         if not 0 < self.budget <= 1:
             raise PresetError(f"RecoveryPreset.budget={self.budget} must be a fraction in (0, 1] (PASER: 0.2)")
         if not self.seeds or not set(self.full_seeds) | set(self.ablation_seeds) <= set(self.seeds):
             raise PresetError("RecoveryPreset.seeds must be non-empty and full_seeds / ablation_seeds subsets of seeds")
+        for entry in self.method_seeds:
+            if (not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or not entry[1] or not set(entry[1]) <= set(self.seeds)):
+                raise PresetError(f"RecoveryPreset.method_seeds entry {entry!r}: use (method, seeds) with a "
+                                  f"non-empty subset of seeds={self.seeds}, e.g. ('kmq-iter', (0,)).")
         if self.heldout_gsm8k < self.em_n or self.heldout < self.nll_per_source:
             raise PresetError("RecoveryPreset: em_n <= heldout_gsm8k and nll_per_source <= heldout are needed "
                               "(the evaluation draws from the held-out split)")
