@@ -156,6 +156,19 @@ def test_budget_and_preset_errors():
         cfg.with_(budget=0.0)
     with pytest.raises(PresetError, match="em_n"):
         cfg.with_(em_n=99)
+    with pytest.raises(PresetError, match="method_seeds"):
+        cfg.with_(method_seeds=(("kmq-iter", (7,)),))   # not a subset of seeds
+    with pytest.raises(PresetError, match="method_seeds"):
+        cfg.with_(method_seeds=(("kmq-iter", ()),))
+
+
+def test_seeds_per_method():
+    cfg = scales.get("recovery", "tiny").with_(seeds=(0, 1, 2), full_seeds=(1,), ablation_seeds=(0, 2),
+                                                method_seeds=(("kmq-iter", (0,)), ("k-center", (0, 1))))
+    assert cfg.seeds_for("random") == (0, 1, 2) and cfg.seeds_for("paser") == (0, 1, 2)
+    assert cfg.seeds_for("kmq-iter") == (0,) and cfg.seeds_for("k-center") == (0, 1)
+    assert cfg.seeds_for("full") == (1,)
+    assert cfg.seeds_for("paser-no-ntem") == (0, 2) and cfg.seeds_for("paser-no-s2c") == (0, 2)
 
 
 def test_paper_preset_on_a_standin_and_a_local_alpaca_file(monkeypatch, tmp_path, data_dir, one_thread):
