@@ -6,6 +6,7 @@
     shrink check build/executed/tiny/00-start/00-tour.ipynb     # is an executed notebook complete?
     shrink export OUT_DIR --model smollm2-135m --prune wanda:0.5    # or sparsegpt:2:4, magnitude:0.5
     shrink export OUT_DIR --model smollm2-135m --quant w8a8         # or w8, w4g128 (compressed-tensors)
+    shrink export OUT_DIR --model smollm2-135m --quant w3 --method gptq   # GPTQ's own grids (asymmetric)
     shrink select dsir --pool 'shards/*.jsonl.zst' --target t.txt --k 1000 [--ray ADDRESS|local]
     shrink sweep dsir-kl --scale tiny [--ray ADDRESS|local|none] [--only seed=0]   # a grid as Ray tasks
 
@@ -37,8 +38,37 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=1, default=str, allow_nan=False))
 
 
-QUANT_RECIPES = {"w8a8": ("channel", 8, True), "w8": ("channel", 8, False), "w4g128": ("group", 4, False),
-                 "w4g32": ("group", 4, False)}
+QUANT_RECIPES = ("w8a8", "w8", "w4", "w4g128", "w4g32", "w3", "w3g64", "w2g32")  # examples of w<BITS>[g<N>][a8]
+QUANT_METHODS = ("rtn", "gptq")
+
+
+def _parse_quant(text: str, method: str, grid: str | None, group_default: int = 32):
+    """``w<BITS>[g<GROUP>][a8]`` -> ``(weight QuantSpec, activation QuantSpec | None)``.
+
+    ``--grid`` defaults to ``sym`` for RTN (the W8A8 chapter's grid) and ``asym`` for GPTQ (notebook 02g's grid).
+    """
+    import re
+
+    from .quant import QuantSpec
+
+    if method not in QUANT_METHODS:
+        raise BadInputError(f"--method {method!r} is not one of {', '.join(QUANT_METHODS)}.")
+    m = re.fullmatch(r"w([2-8])(?:g(\d+))?(a8)?", text or "")
+    if not m or (m.group(3) and (m.group(1) != "8" or m.group(2))):
+        raise BadInputError(f"--quant {text!r} is not a recipe: use w<BITS>[g<GROUP>] with 2-8 bits (e.g. "
+                            f"{', '.join(QUANT_RECIPES[1:])}) or w8a8.")
+    if m.group(3) and method != "rtn":
+        raise BadInputError("--quant w8a8 declares dynamic activations on RTN weights; use --method rtn (GPTQ is "
+                            "weight-only here).")
+    bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    if group == 0:
+        raise BadInputError(f"--quant {text!r}: the group size must be a positive integer.")
+    grid = grid or ("asym" if method == "gptq" else "sym")
+    if grid not in ("sym", "asym"):
+        raise BadInputError(f"--grid {grid!r} is not sym or asym.")
+    w = QuantSpec(bits=bits, symmetric=grid == "sym", granularity="group" if group else "channel",
+                  group_size=group or group_default)
+    return w, (QuantSpec(bits=8, granularity="token") if m.group(3) else None)
 
 
 def _parse_prune(text: str):
@@ -62,8 +92,7 @@ def cmd_export(args) -> dict:
     if (args.prune is None) == (args.quant is None):
         raise BadInputError("shrink export needs exactly one of --prune PRUNER:SPARSITY (e.g. wanda:0.5) or "
                             f"--quant RECIPE ({', '.join(QUANT_RECIPES)}).")
-    if args.quant is not None and args.quant not in QUANT_RECIPES:
-        raise BadInputError(f"--quant {args.quant!r} is not a recipe; use one of {', '.join(QUANT_RECIPES)}.")
+    qspec = _parse_quant(args.quant, args.method, args.grid) if args.quant is not None else None
     spec = _parse_prune(args.prune) if args.prune is not None else None
     export.check_out_dir(args.out_dir, args.overwrite)  # before any compute: a bad folder costs nothing
     model, tok = models.load(args.model)
@@ -78,13 +107,18 @@ def cmd_export(args) -> dict:
                                                  "pattern": spec.pattern, "scheme": spec.scheme},
                                   "calibration": ["wikitext2", "validation", args.calib, args.seqlen]})
     else:
-        from .quant import QuantSpec
+        from .quant import WeightQuantSpec, quantize_model
         from .quant.export import export_quantized
 
-        gran, bits, acts = QUANT_RECIPES[args.quant]
-        w = QuantSpec(bits=bits, granularity=gran, group_size=128 if args.quant == "w4g128" else 32)
-        a = QuantSpec(bits=8, granularity="token") if acts else None
-        man = export_quantized(model, args.out_dir, w, a, tokenizer=tok, overwrite=True, what={"recipe": args.quant})
+        w, a = qspec
+        what = {"recipe": args.quant, "method": args.method}
+        if args.method == "gptq":
+            calib = data.calibration_set(tok, nsamples=args.calib, seqlen=args.seqlen)
+            res = quantize_model(model, calib, WeightQuantSpec(method="gptq", grid=w), verbose=False)
+            what["calibration"] = ["wikitext2", "validation", args.calib, args.seqlen]
+            man = export_quantized(model, args.out_dir, grids=res["grids"], tokenizer=tok, overwrite=True, what=what)
+        else:
+            man = export_quantized(model, args.out_dir, w, a, tokenizer=tok, overwrite=True, what=what)
     what = man["what"]
     return {"out_dir": str(args.out_dir), "kind": what["kind"], "sparsity": what.get("sparsity"),
             "format": what.get("format"), "files": man["files"]}
@@ -279,8 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("out_dir")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--prune", default=None, help="PRUNER:SPARSITY or PRUNER:N:M (magnitude, wanda, sparsegpt)")
-    e.add_argument("--quant", default=None, help=f"recipe: {', '.join(QUANT_RECIPES)}")
-    e.add_argument("--calib", type=int, default=16, help="calibration windows (pruning)")
+    e.add_argument("--quant", default=None, help=f"recipe w<BITS>[g<GROUP>][a8], e.g. {', '.join(QUANT_RECIPES)}")
+    e.add_argument("--method", default="rtn", help="quantizer for --quant: rtn (round at export) | gptq "
+                                                   "(calibrated; its grids are stored as they are)")
+    e.add_argument("--grid", default=None, help="sym | asym (default: sym for rtn, asym for gptq)")
+    e.add_argument("--calib", type=int, default=16, help="calibration windows (pruning, gptq)")
     e.add_argument("--seqlen", type=int, default=256)
     e.add_argument("--overwrite", action="store_true")
     from .selection.cli import add_parser as _select_parser, cmd_select

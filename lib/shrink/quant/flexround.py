@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..reconstruction import SCHEDULES, FitConfig, fit_unit
-from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
+from .quantizer import QuantError, QuantSpec, WeightGrid, fake_quant, qparams, range_of
 
 TARGETS = ("GP", "BR")
 
@@ -139,6 +139,13 @@ def detach(linear: nn.Linear) -> dict:
     return {"flips": flips, "s1_ratio": ratio}
 
 
+@torch.no_grad()
+def grid_of(q: FlexRoundWeight) -> WeightGrid:
+    """The grid ``q``'s output lies on: step ``s1`` (learned) and zero point ``z`` (fixed), ``[out, 1]`` each."""
+    rows = q.log_s3.shape[0]
+    return WeightGrid(q.s1().float().expand(rows, 1).clone(), q.zero.float().expand(rows, 1).clone(), q.spec)
+
+
 def fake_quant_codes(weight: torch.Tensor, q: FlexRoundWeight) -> torch.Tensor:
     """RTN's integer codes on ``q``'s initial grid (``round(W / s1_rtn) + z`` clamped)."""
     return torch.clamp(torch.round(weight.float() / q.s1_rtn) + q.zero, q.spec.qmin, q.spec.qmax)
@@ -219,8 +226,9 @@ def flexround_model(model: nn.Module, calib_ids: torch.Tensor, spec: FlexRoundSp
         heldout_ids: int64 ``[Nh, Th]`` held-out windows: per-block App. A errors and, with ``spec.eval_at``, the
             held-out block-MSE curve of every block's training.
     Returns:
-        ``{"spec", "blocks" (App. A errors per block), "final", "times", "bits_per_weight", "recon"}``; ``recon``:
-        per block ``{"block", "loss_first", "loss_last", "curve", "flips", "s1_ratio", "seconds"}``.
+        ``{"spec", "blocks" (App. A errors per block), "final", "times", "bits_per_weight", "recon", "grids"}``;
+        ``recon``: per block ``{"block", "loss_first", "loss_last", "curve", "flips", "s1_ratio", "seconds"}``;
+        ``grids``: ``{"<block>.<path>": WeightGrid}`` (the learned ``s1`` and the fixed ``z``), for export.
     """
     from ..blockwise import sequential
     from ..models import BlockRunner
@@ -236,6 +244,7 @@ def flexround_model(model: nn.Module, calib_ids: torch.Tensor, spec: FlexRoundSp
     runner = BlockRunner(model)
     quantizers: dict[int, dict[str, nn.Linear]] = {}
     recon: list[dict] = []
+    grids: dict[str, WeightGrid] = {}
 
     def compress(b, _block, lin, _sc):
         for m in lin.values():
@@ -258,6 +267,8 @@ def flexround_model(model: nn.Module, calib_ids: torch.Tensor, spec: FlexRoundSp
         finally:
             for p, r in frozen:
                 p.requires_grad_(r)
+        for n, m in lin.items():
+            grids[f"{b}.{n}"] = grid_of(m.parametrizations.weight[0])
         stats = [detach(m) for m in lin.values()]
         n = [m.weight.numel() for m in lin.values()]
         row = {"block": b, "loss_first": res["losses"][0] if res["losses"] else None,
@@ -276,8 +287,9 @@ def flexround_model(model: nn.Module, calib_ids: torch.Tensor, spec: FlexRoundSp
                      verbose=verbose)
     bits = spec.grid.bits
     return {"spec": spec.to_dict(), "blocks": seq.blocks, "final": seq.blocks[-1],
-            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": float(bits), "recon": recon}
+            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": float(bits), "recon": recon,
+            "grids": grids}
 
 
 __all__ = ["FlexRoundWeight", "FlexRoundSpec", "RoundSTE", "flexround_quantize", "flexround_model", "attach",
-           "detach", "TARGETS"]
+           "detach", "grid_of", "TARGETS"]

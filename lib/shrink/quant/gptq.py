@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..obs import inverse_hessian_factor, obs_sweep
-from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
+from .quantizer import QuantError, QuantSpec, WeightGrid, fake_quant, qparams, range_of
 
 
 def _check_weight_spec(spec: QuantSpec) -> None:
@@ -58,8 +58,8 @@ def _column_quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: Quant
 
 @torch.no_grad()
 def gptq_quantize(weights: list[torch.Tensor], H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, dtype: torch.dtype = torch.float32
-                  ) -> list[torch.Tensor]:
+                  percdamp: float = 0.01, act_order: bool = False, dtype: torch.dtype = torch.float32,
+                  return_grids: bool = False):
     """GPTQ (Algorithm 1) for one or more weight matrices that share the input Hessian ``H``.
 
     Args:
@@ -71,8 +71,11 @@ def gptq_quantize(weights: list[torch.Tensor], H: torch.Tensor, spec: QuantSpec,
         percdamp: relative damping of ``H``.
         act_order: process columns by decreasing ``diag(H)``.
         dtype: compute dtype (fp32; fp64 for reference tests).
+        return_grids: also return each matrix's :class:`~shrink.quant.WeightGrid` (the steps and zero points
+            the sweep used; groups in ``act_order`` are the permuted ones, given by ``g_idx``).
     Returns:
-        list of quantized-dequantized ``[rows_k, d]`` in each input's dtype (every value on the grid).
+        list of quantized-dequantized ``[rows_k, d]`` in each input's dtype (every value on the grid); with
+        ``return_grids``, ``(weights, grids)``.
     """
     _check_weight_spec(spec)
     d = H.shape[0]
@@ -107,18 +110,31 @@ def gptq_quantize(weights: list[torch.Tensor], H: torch.Tensor, spec: QuantSpec,
         s, z = qparams(lo, hi, row_spec)
         return s.flatten().to(dtype), z.flatten().to(dtype)
 
+    used: list = []  # the (scale, zero) of every group, in sweep order
     if spec.granularity != "group":
         state["s"], state["z"] = params(W)
+        used.append((state["s"], state["z"]))
 
     def target(j, W1, i):
         if spec.granularity == "group" and j % spec.group_size == 0:
             state["s"], state["z"] = params(W[:, j:j + spec.group_size])
+            used.append((state["s"], state["z"]))
         return _column_quant(W1[:, i], state["s"], state["z"], spec)
 
     obs_sweep(W, U, target, blocksize=blocksize)
     if perm is not None:
         W = W[:, torch.argsort(perm)]
-    return [W[a:b].to(w.dtype) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
+    out = [W[a:b].to(w.dtype) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
+    if not return_grids:
+        return out
+    S = torch.stack([u[0] for u in used], 1).float()  # [rows, G]
+    Z = torch.stack([u[1] for u in used], 1).float()
+    g_idx = None
+    if perm is not None and spec.granularity == "group":  # column perm[k] was swept k-th: group k // size
+        g_idx = torch.empty(d, dtype=torch.long)
+        g_idx[perm] = torch.arange(d) // spec.group_size
+    grids = [WeightGrid(S[a:b].clone(), Z[a:b].clone(), spec, g_idx) for a, b in zip(bounds[:-1], bounds[1:])]
+    return out, grids
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,7 +211,9 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
         runner: the block runner (default ``BlockRunner(model)``; :class:`shrink.quant.rsq.PrefixBlockRunner` runs
             every block from a fixed key/value prefix).
     Returns:
-        ``{"spec", "blocks" (per-block App. A errors), "final", "times", "bits_per_weight"}``.
+        ``{"spec", "blocks" (per-block App. A errors), "final", "times", "bits_per_weight", "grids"}``; ``grids``:
+        ``{"<block>.<path>": WeightGrid}`` of every quantized linear (names as
+        :func:`shrink.quant.decoder_linears`), what :func:`shrink.quant.export.export_quantized` stores.
     """
     from ..blockwise import sequential
     from ..models import BlockRunner
@@ -205,36 +223,44 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: Weigh
         raise QuantError("token_weights (RSQ) weight GPTQ's Hessian; RTN uses no calibration statistics — use "
                          "method='gptq' or drop token_weights")
     runner = runner if runner is not None else BlockRunner(model)
+    grids: dict[str, WeightGrid] = {}
+
+    def rtn(b, lin):
+        for n, m in lin.items():
+            grids[f"{b}.{n}"] = WeightGrid.of(m.weight, spec.grid)
+            m.weight.copy_(rtn_quantize(m.weight, spec.grid))
+
     if calib_ids is None:
         if spec.method == "gptq":
             raise QuantError("GPTQ needs calibration windows: pass shrink.data.calibration_set(tok, ...)")
-        for block in runner.blocks:
-            for lin in decoder_weight_linears(block).values():
-                lin.weight.copy_(rtn_quantize(lin.weight, spec.grid))
+        for b, block in enumerate(runner.blocks):
+            rtn(b, decoder_weight_linears(block))
         return {"spec": spec.to_dict(), "blocks": [], "final": None, "times": {},
-                "bits_per_weight": spec.bits_per_weight()}
+                "bits_per_weight": spec.bits_per_weight(), "grids": grids}
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long \
             or calib_ids.shape[0] == 0:
         raise QuantError("calib_ids must be a non-empty int64 [N, T] tensor; build it with "
                          "shrink.data.calibration_set(tok, nsamples=..., seqlen=...)")
 
-    def compress(_b, _block, lin, sc):
+    def compress(b, _block, lin, sc):
         if spec.method == "rtn":
-            for m in lin.values():
-                m.weight.copy_(rtn_quantize(m.weight, spec.grid))
+            rtn(b, lin)
             return
         for group in sc.groups:  # one solve per shared Hessian (q/k/v, gate/up)
             group = [n for n in group if n in lin]
-            res = gptq_quantize([lin[n].weight for n in group], sc.stats[group[0]].hessian(), spec.grid,
-                                blocksize=spec.blocksize, percdamp=spec.percdamp, act_order=spec.act_order)
-            for n, w in zip(group, res):
+            res, gr = gptq_quantize([lin[n].weight for n in group], sc.stats[group[0]].hessian(), spec.grid,
+                                    blocksize=spec.blocksize, percdamp=spec.percdamp, act_order=spec.act_order,
+                                    return_grids=True)
+            for n, w, g in zip(group, res, gr):
                 lin[n].weight.copy_(w)
+                grids[f"{b}.{n}"] = g
 
     seq = sequential(runner, calib_ids, calib_ids.shape[0], linears=decoder_weight_linears, compress=compress,
                      needs_stats=spec.method == "gptq", hessian=True, batch=spec.batch, heldout_ids=heldout_ids,
                      token_weights=token_weights if spec.method == "gptq" else None, verbose=verbose)
     return {"spec": spec.to_dict(), "blocks": seq.blocks, "final": seq.blocks[-1],
-            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": spec.bits_per_weight()}
+            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits_per_weight": spec.bits_per_weight(),
+            "grids": grids}
 
 
 __all__ = ["rtn_quantize", "gptq_quantize", "WeightQuantSpec", "quantize_model", "decoder_weight_linears",

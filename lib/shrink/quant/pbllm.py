@@ -156,7 +156,7 @@ def _binarize(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def pbllm_quantize(weights: list[torch.Tensor], H: torch.Tensor | None, spec: PBSpec, *,
-                   dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                   dtype: torch.dtype = torch.float32, return_params: bool = False):
     """PB-LLM / GPTQ-PB for one or more matrices sharing the input Hessian ``H``.
 
     Args:
@@ -164,9 +164,11 @@ def pbllm_quantize(weights: list[torch.Tensor], H: torch.Tensor | None, spec: PB
         H: float ``[d, d]`` input Hessian; may be None only for ``metric="magnitude", gptq=False``.
         spec: :class:`PBSpec`.
         dtype: compute dtype (fp32; fp64 for reference tests).
+        return_params: also return, per matrix, ``{"alpha", "scale", "zero"}`` float32 ``[rows_k]`` (the binary
+            scale and the salient grid), what :func:`shrink.quant.export.export_pbllm` packs.
     Returns:
         ``(quantized [rows_k, d] in each input's dtype, salient masks bool [rows_k, d])``: every salient value on
-        its row's ``high_bits`` grid, every other value ``±alpha_row``.
+        its row's ``high_bits`` grid, every other value ``±alpha_row``; with ``return_params``, a third list.
     """
     spec.check()
     d = weights[0].shape[1] if weights else 0
@@ -203,7 +205,12 @@ def pbllm_quantize(weights: list[torch.Tensor], H: torch.Tensor | None, spec: PB
     else:
         W = torch.where(mask, _column_quant(W, s.unsqueeze(1), z.unsqueeze(1), hs), _binarize(W, alpha.unsqueeze(1)))
     out = [W[a:b].to(w.dtype) for w, a, b in zip(weights, bounds[:-1], bounds[1:])]
-    return out, [mask[a:b].clone() for a, b in zip(bounds[:-1], bounds[1:])]
+    masks = [mask[a:b].clone() for a, b in zip(bounds[:-1], bounds[1:])]
+    if not return_params:
+        return out, masks
+    params = [{"alpha": alpha[a:b].float().clone(), "scale": s[a:b].float().clone(), "zero": z[a:b].float().clone()}
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    return out, masks, params
 
 
 def bit_accounting(shapes_and_salient: list[tuple[int, int, int]], high_bits: int = 8) -> dict:
@@ -241,7 +248,7 @@ def accounting_of_masks(masks: list[torch.Tensor], high_bits: int = 8) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def pbllm_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PBSpec, *,
-                heldout_ids: torch.Tensor | None = None, verbose: bool = True) -> dict:
+                heldout_ids: torch.Tensor | None = None, keep_params: bool = False, verbose: bool = True) -> dict:
     """PB-LLM on every decoder linear, in place, block by block (statistics from the already-quantized stream,
     as :func:`shrink.quant.quantize_model`).
 
@@ -249,6 +256,8 @@ def pbllm_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PBSpec, 
         model: a causal LM supported by :class:`shrink.models.BlockRunner` (modified in place).
         calib_ids: int64 ``[N, T]`` (None only for ``magnitude`` without GPTQ).
         spec: :class:`PBSpec`.
+        keep_params: also return ``"params"``: ``{"<block>.<path>": {"mask" bool [rows, d], "alpha", "scale",
+            "zero" float32 [rows]}}`` for :func:`shrink.quant.export.export_pbllm` (one byte per weight in memory).
     Returns:
         ``{"spec", "blocks", "final", "times", "bits"}`` (``bits``: :func:`bit_accounting` over all linears).
     """
@@ -258,34 +267,44 @@ def pbllm_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PBSpec, 
     spec.check()
     runner = BlockRunner(model)
     shapes: list[tuple[int, int, int]] = []
+    kept: dict[str, dict] = {}
+
+    def keep(b, names, masks, params):
+        for n, m, p in zip(names, masks, params):
+            shapes.append((m.shape[0], m.shape[1], int(m.sum())))
+            if keep_params:
+                kept[f"{b}.{n}"] = {"mask": m, **p}
+
     if calib_ids is None:
         if spec.needs_calibration:
             raise QuantError("GPTQ-PB and the Hessian saliency need calibration windows: pass "
                              "shrink.data.calibration_set(tok, ...), or use metric='magnitude', gptq=False")
-        for block in runner.blocks:
-            for lin in decoder_weight_linears(block).values():
-                (q,), (m,) = pbllm_quantize([lin.weight], None, spec)
+        for b, block in enumerate(runner.blocks):
+            for n, lin in decoder_weight_linears(block).items():
+                (q,), ms, ps = pbllm_quantize([lin.weight], None, spec, return_params=True)
                 lin.weight.copy_(q)
-                shapes.append((m.shape[0], m.shape[1], int(m.sum())))
+                keep(b, [n], ms, ps)
         return {"spec": spec.to_dict(), "blocks": [], "final": None, "times": {},
-                "bits": bit_accounting(shapes, spec.high_bits)}
+                "bits": bit_accounting(shapes, spec.high_bits), **({"params": kept} if keep_params else {})}
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long \
             or calib_ids.shape[0] == 0:
         raise QuantError("calib_ids must be a non-empty int64 [N, T] tensor; build it with "
                          "shrink.data.calibration_set(tok, nsamples=..., seqlen=...)")
 
-    def compress(_b, _block, lin, sc):
+    def compress(b, _block, lin, sc):
         for group in sc.groups:  # one solve per shared Hessian (q/k/v, gate/up)
             group = [n for n in group if n in lin]
-            res, masks = pbllm_quantize([lin[n].weight for n in group], sc.stats[group[0]].hessian(), spec)
-            for n, w, m in zip(group, res, masks):
+            res, masks, params = pbllm_quantize([lin[n].weight for n in group], sc.stats[group[0]].hessian(), spec,
+                                                return_params=True)
+            for n, w in zip(group, res):
                 lin[n].weight.copy_(w)
-                shapes.append((m.shape[0], m.shape[1], int(m.sum())))
+            keep(b, group, masks, params)
 
     seq = sequential(runner, calib_ids, calib_ids.shape[0], linears=decoder_weight_linears, compress=compress,
                      needs_stats=True, hessian=True, batch=spec.batch, heldout_ids=heldout_ids, verbose=verbose)
     return {"spec": spec.to_dict(), "blocks": seq.blocks, "final": seq.blocks[-1],
-            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits": bit_accounting(shapes, spec.high_bits)}
+            "times": {k: round(v, 3) for k, v in seq.times.items()}, "bits": bit_accounting(shapes, spec.high_bits),
+            **({"params": kept} if keep_params else {})}
 
 
 __all__ = ["PBSpec", "SALIENT_METRICS", "saliency", "n_salient", "salient_mask", "binary_scale", "pbllm_quantize",

@@ -188,6 +188,71 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = No
     return out.to(x.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class WeightGrid:
+    """The grid one quantized weight matrix lies on: ``W_hat = (q - zero) * scale`` with integer codes ``q`` in
+    ``[spec.qmin, spec.qmax]`` — what a weight-only quantizer (RTN, GPTQ, RSQ, FlexRound) must keep so the result
+    can be stored as integers (:mod:`shrink.quant.export`) instead of re-derived from the rounded weights.
+
+    Attributes:
+        scale: float32 ``[rows, G]`` — one step per output row (``G = 1``: channel, or a tensor grid's one value
+            repeated) or per group of ``spec.group_size`` input columns (``G = in / group_size``).
+        zero: float32 ``[rows, G]`` integer-valued zero points (0 for symmetric grids).
+        spec: the :class:`QuantSpec` (bits, symmetric, granularity, group size).
+        g_idx: int64 ``[in]`` group of each input column when groups are not contiguous (GPTQ ``act_order`` with
+            groups), else None.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    g_idx: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, spec: QuantSpec) -> "WeightGrid":
+        """Round-to-nearest's grid of ``weight`` float ``[rows, in]`` (the one :func:`fake_quant` uses)."""
+        lo, hi = range_of(weight, spec)
+        s, z = qparams(lo, hi, spec)
+        rows = weight.shape[0]
+        shape = (rows, -1) if spec.granularity == "group" else (1, 1) if spec.granularity == "tensor" else (rows, 1)
+        return cls(s.reshape(shape).expand(rows, -1).contiguous(), z.reshape(shape).expand(rows, -1).contiguous(),
+                   spec)
+
+    def expanded(self, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` float32 ``[rows, cols]``: each column's step and zero point."""
+        if self.g_idx is not None:
+            idx = self.g_idx
+        elif self.spec.granularity == "group":
+            idx = torch.arange(cols) // self.spec.group_size
+        else:
+            idx = torch.zeros(cols, dtype=torch.long)
+        return self.scale[:, idx], self.zero[:, idx]
+
+    def codes(self, weight: torch.Tensor, *, name: str = "weight", tol: float = 1e-3) -> torch.Tensor:
+        """Integer codes ``q`` (int64 ``[rows, in]``) of ``weight``, which must lie on this grid.
+
+        Raises :class:`QuantError` when a value is off the grid by more than ``tol`` steps or its code is out of
+        ``[qmin, qmax]`` (the weights were changed after quantization, or the grid is not theirs).
+        """
+        s, z = self.expanded(weight.shape[1])
+        if s.shape[0] != weight.shape[0]:
+            raise QuantError(f"{name}: grid has {s.shape[0]} rows, weight {tuple(weight.shape)}")
+        x = weight.detach().float() / s
+        q = torch.round(x) + z
+        off = float((x + z - q).abs().max()) if x.numel() else 0.0
+        if off > tol or bool((q < self.spec.qmin).any() | (q > self.spec.qmax).any()):
+            raise QuantError(f"{name} is not on its {self.spec.describe()} grid (off by up to {off:.3g} steps, or "
+                             f"codes outside [{self.spec.qmin}, {self.spec.qmax}]): the weights changed after "
+                             "quantization, or the grid belongs to another result. Quantize again and export the "
+                             "grids that quantization returned.")
+        return q.long()
+
+    def dequant(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(codes - zero) * scale`` float32 ``[rows, in]``."""
+        s, z = self.expanded(codes.shape[1])
+        return (codes.float() - z) * s
+
+
 def quant_error(x: torch.Tensor, spec: QuantSpec, *, per_sample: bool = False) -> torch.Tensor:
     """``||x - q(x)||^2`` (CushionCache's L_q term for one tensor); per sample (``[B]``) if ``per_sample``."""
     err = (x.float() - fake_quant(x, spec, per_sample=per_sample).float()).pow(2)

@@ -49,6 +49,8 @@ class WeightOnlyPreset(Preset):
     #: grids GPTQ is measured on (RTN runs on every grid); None = all of ``grids``
     gptq_grids: tuple | None = None
     act_order: bool = False
+    #: (bits, grid) of the GPTQ cell exported with its own grids and reloaded (None: no export cell)
+    export_cell: tuple | None = (3, "channel")
 
     def check(self) -> None:
         for g in self.grids:
@@ -60,6 +62,11 @@ class WeightOnlyPreset(Preset):
         for b, g in self.seeded_cells:
             if b not in self.bits or g not in self.grids:
                 raise PresetError(f"seeded cell ({b}, {g!r}) is not in bits={self.bits} x grids={self.grids}")
+        if self.export_cell is not None:
+            b, g = self.export_cell
+            if not 2 <= b <= 8:
+                raise PresetError(f"export_cell bits must be 2-8 (what compressed-tensors stores), got {b}")
+            grid_spec(g, b)
 
 
 def grid_spec(name: str, bits: int) -> QuantSpec:
@@ -150,6 +157,45 @@ class WeightOnlyContext(LazyModelContext):
 
         return results.cached("weightonly", conf, run, scale=self.scale, chapter=CHAPTER)
 
+    def export_round_trip(self, bits: int, grid: str, seed: int = 0) -> dict:
+        """Cached: GPTQ on ``(bits, grid)`` with draw ``seed``, exported with its own grids
+        (:func:`shrink.quant.export.export_quantized`) to a temporary folder and reloaded with plain
+        ``transformers``. ``{"ppl", "ppl_reloaded", "weights_identical", "format", "bytes_model", "bytes_fp32",
+        "stored_bits_per_weight", "seconds_export", "seconds_reload"}`` (``weights_identical``: every decoder
+        linear, dequantized on reload, equals the quantized model's bit for bit)."""
+        import tempfile
+        import time
+        from pathlib import Path
+
+        from .. import export as X
+        from .export import dequantized_reload, export_quantized
+
+        spec = WeightQuantSpec(method="gptq", grid=grid_spec(grid, bits), act_order=self.cfg.act_order)
+        conf = {**self.config("gptq", bits, grid, seed), "export": "compressed-tensors"}
+
+        def run():
+            m = copy.deepcopy(self.model)
+            res = quantize_model(m, self.calib(seed), spec, verbose=False)
+            ppl = self._ppl(m, self.cfg.eval_corpus, self.cfg.eval_split)
+            with tempfile.TemporaryDirectory(prefix="shrink-export-") as tmp:
+                t0 = time.perf_counter()
+                man = export_quantized(copy.deepcopy(m), tmp, grids=res["grids"])
+                t1 = time.perf_counter()
+                r = X.reload(tmp)
+                t2 = time.perf_counter()
+                ppl_r = self._ppl(r, self.cfg.eval_corpus, self.cfg.eval_split)
+                del r
+                d = dequantized_reload(tmp)
+                same = all(torch.equal(d.get_parameter(n), p) for n, p in m.named_parameters())
+                size = (Path(tmp) / "model.safetensors").stat().st_size
+                n_lin = sum(lin.weight.numel() for lin in _decoder_linear_modules(m))
+                fp32 = sum(p.numel() for p in m.parameters()) * 4
+            return {"ppl": ppl, "ppl_reloaded": ppl_r, "weights_identical": same, "format": man["what"]["format"],
+                    "bytes_model": size, "bytes_fp32": fp32, "linear_weights": n_lin,
+                    "seconds_export": round(t1 - t0, 2), "seconds_reload": round(t2 - t1, 2)}
+
+        return results.cached("weightonly-export", conf, run, scale=self.scale, chapter=CHAPTER)
+
     def has_gptq(self, grid: str) -> bool:
         """Whether the preset measures GPTQ on ``grid`` (RTN is measured on every grid)."""
         return self.cfg.gptq_grids is None or grid in self.cfg.gptq_grids
@@ -162,6 +208,12 @@ class WeightOnlyContext(LazyModelContext):
         seeds = self.seeds_for(bits, grid)
         return Spread(tuple(self.measure("gptq", bits, grid, s)[metric] for s in seeds), kind="calibration draws",
                       seeds=seeds)
+
+
+def _decoder_linear_modules(model):
+    from .fakequant import decoder_linears
+
+    return list(decoder_linears(model).values())
 
 
 __all__ = ["WeightOnlyPreset", "WeightOnlyContext", "grid_spec", "CHAPTER"]
