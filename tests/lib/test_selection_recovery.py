@@ -121,6 +121,23 @@ def test_selectors_return_valid_budget_sets(experiment, method):
     json.dumps(knobs)  # part of the cache key
 
 
+def test_step_cost_fields_and_errors(experiment):
+    ex = experiment
+    pruned, masks = ex.pruned()
+    c = R.step_cost(pruned, masks, ex.tok(), ex.pool.train[:8], ex.cfg, steps=3, repeats=2)
+    assert c["steps"] == 3 and c["repeats"] == 2
+    assert c["forward_s"] > 0 and c["step_s"] > 0 and c["gen_s"] > 0
+    assert math.isclose(c["step_over_forward"], c["step_s"] / c["forward_s"], rel_tol=1e-2)   # rounded parts
+    first = [R.tokenize_sft(ex.tok(), e, max_prompt=ex.cfg.max_prompt, max_response=ex.cfg.max_response)
+             for e in ex.pool.train[:8]]
+    assert c["batch_tokens"] <= ex.cfg.batch_size * max(t["input_ids"].numel() for t in first)
+    assert all((pruned.get_parameter(n)[~m] == 0).all() for n, m in masks.items())   # the pruned model untouched
+    with pytest.raises(SelectionError, match="step_cost needs"):
+        R.step_cost(pruned, masks, ex.tok(), ex.pool.train[:1], ex.cfg)
+    with pytest.raises(SelectionError, match="steps >= 2"):
+        R.step_cost(pruned, masks, ex.tok(), ex.pool.train[:8], ex.cfg, steps=1)
+
+
 def test_ifd_rule_prefers_high_ifd_below_one(experiment, monkeypatch):
     n = len(experiment.pool.train)
     ifd = np.linspace(0.5, 1.5, n)
@@ -159,7 +176,7 @@ def test_budget_and_preset_errors():
     with pytest.raises(PresetError, match="method_seeds"):
         cfg.with_(method_seeds=(("kmq-iter", (7,)),))   # not a subset of seeds
     with pytest.raises(PresetError, match="method_seeds"):
-        cfg.with_(method_seeds=(("kmq-iter", ()),))
+        cfg.with_(method_seeds=(("kmq-iter", 0),))
 
 
 def test_seeds_per_method():
@@ -169,6 +186,9 @@ def test_seeds_per_method():
     assert cfg.seeds_for("kmq-iter") == (0,) and cfg.seeds_for("k-center") == (0, 1)
     assert cfg.seeds_for("full") == (1,)
     assert cfg.seeds_for("paser-no-ntem") == (0, 2) and cfg.seeds_for("paser-no-s2c") == (0, 2)
+    trimmed = cfg.with_(method_seeds=(("full", ()), ("paser-no-s2c", (0,))))   # an entry wins; () = not run
+    assert trimmed.seeds_for("full") == () and trimmed.seeds_for("paser-no-s2c") == (0,)
+    assert trimmed.seeds_for("paser-no-ntem") == (0, 2)
 
 
 def test_paper_preset_on_a_standin_and_a_local_alpaca_file(monkeypatch, tmp_path, data_dir, one_thread):

@@ -236,13 +236,16 @@ class RecoveryPreset(Preset):
     method_seeds: tuple = ()
 
     def seeds_for(self, method: str) -> tuple:
-        """The seeds a method is run on: ``full_seeds`` for the full pool, ``ablation_seeds`` for PASER's
-        ``paser-no-*`` variants, else the ``method_seeds`` entry ``(method, seeds)`` if any, else ``seeds``."""
+        """The seeds a method is run on: its ``method_seeds`` entry ``(method, seeds)`` if any (``()``: not run
+        at this scale), else ``full_seeds`` for the full pool, ``ablation_seeds`` for PASER's ``paser-no-*``
+        variants, else ``seeds``."""
+        if method in dict(self.method_seeds):
+            return tuple(dict(self.method_seeds)[method])
         if method == "full":
             return tuple(self.full_seeds)
         if method.startswith("paser-no-"):
             return tuple(self.ablation_seeds)
-        return tuple(dict(self.method_seeds).get(method, self.seeds))
+        return tuple(self.seeds)
 
     def check(self) -> None:
         if not 0 < self.budget <= 1:
@@ -251,9 +254,9 @@ class RecoveryPreset(Preset):
             raise PresetError("RecoveryPreset.seeds must be non-empty and full_seeds / ablation_seeds subsets of seeds")
         for entry in self.method_seeds:
             if (not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], str)
-                    or not entry[1] or not set(entry[1]) <= set(self.seeds)):
-                raise PresetError(f"RecoveryPreset.method_seeds entry {entry!r}: use (method, seeds) with a "
-                                  f"non-empty subset of seeds={self.seeds}, e.g. ('kmq-iter', (0,)).")
+                    or not isinstance(entry[1], tuple) or not set(entry[1]) <= set(self.seeds)):
+                raise PresetError(f"RecoveryPreset.method_seeds entry {entry!r}: use (method, seeds) with seeds a "
+                                  f"subset of seeds={self.seeds} (() = not run), e.g. ('kmq-iter', (0,)).")
         if self.heldout_gsm8k < self.em_n or self.heldout < self.nll_per_source:
             raise PresetError("RecoveryPreset: em_n <= heldout_gsm8k and nll_per_source <= heldout are needed "
                               "(the evaluation draws from the held-out split)")

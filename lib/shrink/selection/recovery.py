@@ -310,6 +310,51 @@ def recovery_run(method: str, indices_fn: Callable[[], np.ndarray], pruned, mask
     return results.cached("recovery", config, run, scale=scale, chapter=CHAPTER)
 
 
+def step_cost(pruned, masks, tok, examples: Sequence[dict], cfg, *, steps: int = 4, repeats: int = 3,
+              seed: int = 0) -> dict:
+    """Where the time of one recovery run goes, measured in one process (ratios are robust to machine load).
+
+    On batches of ``cfg.batch_size`` tokenised ``examples`` (the recovery batches): the median time of a
+    no-grad forward of the pruned model, the per-step time of :func:`shrink.train.train` with the preset's LoRA
+    (``steps`` steps, the first one excluded as warm-up; timestamps from ``on_step``), the fixed cost outside
+    the steps (LoRA wrapping before, merge and re-masking after), and a greedy GSM8K-style generation of
+    ``cfg.em_new_tokens`` tokens for ``cfg.batch_size`` prompts (the evaluation's most expensive part).
+
+    Returns:
+        ``{"forward_s", "step_s", "step_over_forward", "fixed_s", "gen_s", "gen_s_per_token", "batch_tokens"}``
+        (seconds; ``batch_tokens`` = non-padding tokens of the first batch).
+    """
+    if len(examples) < cfg.batch_size or steps < 2:
+        raise SelectionError(f"step_cost needs at least batch_size={cfg.batch_size} examples and steps >= 2 "
+                             f"(got {len(examples)} examples, steps={steps}).")
+    pad = getattr(tok, "pad_token_id", None) or 0
+    toks = [tokenize_sft(tok, e, max_prompt=cfg.max_prompt, max_response=cfg.max_response) for e in examples]
+    batches = sft_batches(toks, cfg.batch_size, seed=seed, pad_id=pad)
+    b = batches(0)
+    m = copy.deepcopy(pruned).eval()
+    fwd = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            fwd.append(time.perf_counter() - t0)
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    train(copy.deepcopy(pruned), batches, lora_config(cfg, steps, seed), masks=masks, progress=False,
+          on_step=lambda info: stamps.append(time.perf_counter()))
+    t_end = time.perf_counter()
+    step_s = float(np.median(np.diff(stamps)))
+    fixed = (t_end - t0) - step_s * steps
+    prompts = [format_prompt(e) for e in examples[:cfg.batch_size]]
+    t1 = time.perf_counter()
+    generate_greedy(m, tok, prompts, max_new_tokens=cfg.em_new_tokens, batch_size=cfg.batch_size)
+    gen = time.perf_counter() - t1
+    f = float(np.median(fwd))
+    return {"forward_s": round(f, 4), "step_s": round(step_s, 4), "step_over_forward": round(step_s / f, 3),
+            "fixed_s": round(fixed, 3), "gen_s": round(gen, 3), "gen_s_per_token": round(gen / cfg.em_new_tokens, 4),
+            "batch_tokens": int(b["attention_mask"].sum()), "steps": steps, "repeats": repeats}
+
+
 def budget_k(pool: InstructionPool, cfg) -> int:
     """The recovery budget in examples: ``round(budget * |pool|)`` (PASER's 20 % of Alpaca at cpu)."""
     k = int(round(cfg.budget * len(pool.train)))
@@ -479,6 +524,19 @@ class Experiment:
         raise SelectionError(f"unknown recovery method {method!r}; use one of {list(METHODS)}.")
 
     # -- records
+    def cost(self, steps: int = 4) -> dict:
+        """:func:`step_cost` on the first pool examples (cached record ``recovery-cost``: a timing record)."""
+        c = self.cfg
+        config = {"model": c.model, "prune": self.prune_key, "pool": self.pool.config, "pool_sha": self.pool.sha256(),
+                  "train": train_fields(c), "em_new_tokens": c.em_new_tokens, "steps": steps}
+
+        def run():
+            pruned, masks = self.pruned()
+            return step_cost(pruned, masks, self.tok(), self.pool.train[:max(c.batch_size * steps, c.batch_size)], c,
+                             steps=steps)
+
+        return results.cached("recovery-cost", config, run, scale=self.scale, chapter=CHAPTER)
+
     def no_recovery(self) -> dict:
         return evaluate_cached("pruned", None, None, self.pool, self.cfg, key=self.prune_key, eval_tokens=None,
                                scale=self.scale, lazy=lambda: (self.pruned()[0], self.tok(), self.eval_tokens()))
