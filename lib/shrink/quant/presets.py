@@ -175,10 +175,10 @@ def _weight_only_presets() -> None:
         "tiny": WeightOnlyPreset(model="tiny-llama", seqlen=64, windows=4, ood_corpus="pydocs", calib_nsamples=4,
                                  calib_seqlen=64, bits=(4, 3), grids=("channel", "g32"), calib_seeds=(0, 1),
                                  seeded_cells=((3, "channel"),)),
-        # cpu: RTN on 3 bit widths x 3 grids (g32 = the GGUF file's own block size; 128 does not divide 576, so g64
-        # stands in for g128); GPTQ per-channel only, 3-bit (the finding) on three calibration draws, 4- and 2-bit
-        # on one (a GPTQ cell took 24 min of one thread on the loaded shared machine; ~1-2 min idle)
-        "cpu": WeightOnlyPreset(model="smollm2-135m", bits=(4, 3, 2), grids=("channel", "g64", "g32"),
+        # cpu: RTN on 4 bit widths x 3 grids (g32 = the GGUF file's own block size; 128 does not divide 576, so g64
+        # stands in for g128); GPTQ per-channel only, 3-bit (the finding) on three calibration draws, 8-, 4- and
+        # 2-bit on one (a GPTQ cell took 8-24 min of one thread on the loaded shared machine; ~2-3 min idle)
+        "cpu": WeightOnlyPreset(model="smollm2-135m", bits=(8, 4, 3, 2), grids=("channel", "g64", "g32"),
                                 seeded_cells=((3, "channel"),), gptq_grids=("channel",)),
         "paper": WeightOnlyPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, ood_corpus="c4",
                                   ood_split="validation", calib_corpus="c4", calib_split="train", calib_nsamples=128,
