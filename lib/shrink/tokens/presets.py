@@ -277,10 +277,11 @@ register("tokens-budget", {
                                continuation=16, layers=(1,), target=0.75, n_trials=3, train_passages=16,
                                test_passages=12, min_tokens=24, max_tokens=64, atp_layers=(1,), atp_target=0.75,
                                atp_steps=6, atp_batch=4),
-    # cpu sizing (pilot build/tokh_pilot.py at load ~2, then the records at load ~7 on 2 cores, 1 thread):
-    # 3 searches x 10 trials x 4 windows 222 s, 6 schedules x 32 test windows 100-205 s each, ATP 3 seeds x
-    # 80 steps on 128 passages 187-225 s each: 1640 s of notebook at load ~7, ~8 min on an idle core.
-    "cpu": TokensBudgetPreset(model="smollm2-135m", train_passages=128, atp_steps=80),
+    # cpu sizing (pilot build/tokh_pilot.py at load ~2, then the records at load 5-7 on 2 cores, 1 thread):
+    # 3 searches x 30 trials x 4 windows 182-219 s each, 6 schedules x 32 test windows 100-205 s each, ATP
+    # 3 seeds x 80 steps on 128 passages 187-225 s each: ~33 min of records at load 5-7, ~12 min on an idle core.
+    # n_trials 30: TPE's first 10 trials are its random start-up (Optuna's n_startup_trials), 20 are modelled
+    "cpu": TokensBudgetPreset(model="smollm2-135m", n_trials=30, train_passages=128, atp_steps=80),
     "paper": TokensBudgetPreset(model="smollm2-135m", search_windows=32, eval_windows=256, n_trials=100,
                                 paper_command=_VFLOW),
 })
