@@ -184,6 +184,19 @@ def zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, *, batch_size:
             "prefix_len": 0 if prefix is None else prefix.length}
 
 
+def zero_shot_key() -> str:
+    """What a paper-scale record's zero-shot field will hold, for its cache key: ``"lm-eval"`` online, else
+    ``"offline"`` (so a record made offline is not reused by an online rerun, which computes the accuracies)."""
+    return "lm-eval" if env.online() else "offline"
+
+
+def paper_zero_shot(model: nn.Module, tokenizer, tasks=ZERO_SHOT_TASKS, **kw) -> dict | str:
+    """:func:`zero_shot` when online; offline, the recorded reason it was not run (never a silent skip)."""
+    if not env.online():
+        return "not run: offline (SHRINK_ONLINE=1 and internet are needed for lm-eval's task data)"
+    return zero_shot(model, tokenizer, tasks, **kw)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Numbers with their noise (issue 9): a measurement repeated over seeds / perturbations / calibration draws.
 # --------------------------------------------------------------------------------------------------------------

@@ -140,4 +140,5 @@ def test_eora_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir):
     base, cell = ctx.measure("gptq", None, 0, 0), ctx.measure("gptq", "eora", 2, 0)
     assert base["ppl"] > 1 and cell["ppl"] > 1 and base["extra_params"] == 0
     assert cell["extra_params"] == ctx.extra_params(2) > 0
+    assert cell["zero_shot"].startswith("not run: offline")
     assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("eora-*.json"))) == 2

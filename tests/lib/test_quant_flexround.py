@@ -195,4 +195,5 @@ def test_flexround_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir):
     assert ctx.wo.model.shrink_info["standin_for"] == "meta-llama/Llama-2-7b-hf"
     cell = ctx.measure(3, 0)
     assert cell["ppl"] > 1 and cell["err_calib"] > 0 and cell["bits_per_weight"] == 3
+    assert cell["zero_shot"].startswith("not run: offline")
     assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("flexround-*.json"))) == 1

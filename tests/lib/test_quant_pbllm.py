@@ -235,6 +235,7 @@ def test_pbllm_paper_preset_on_a_standin(monkeypatch, tmp_path, data_dir, hub_id
 
     numel = sum(l.weight.numel() for b in BlockRunner(ctx.model).blocks for l in decoder_weight_linears(b).values())
     assert cell["ppl"] > 1 and cell["err_calib"] > 0 and cell["bits"]["weights"] == numel
+    assert cell["zero_shot"].startswith("not run: offline")
     direct = ctx.measure(0.1, "magnitude", False)
     assert direct["ppl"] > 1
     assert len(list((tmp_path / "results" / "paper" / "02-bits").glob("pbllm-*.json"))) == 2

@@ -88,3 +88,33 @@ def test_cli_sweep_only_and_bad_input(session, tmp_path, monkeypatch, capsys):
             cli.main(argv)
         msg = json.loads(capsys.readouterr().out)
         assert e.value.code == 2 and words in msg["message"], msg
+
+
+@pytest.mark.parametrize("scale", ["tiny", "cpu", "paper"])
+def test_weight_only_sweep_cells_are_exactly_what_02g_reads(scale, monkeypatch):
+    """The ``weight-only`` sweep's cells equal the measurements notebook 02g reads (its loops, replayed against a
+    context whose cached functions only log their arguments), so a sweep leaves nothing for the notebook to compute
+    and computes nothing it does not read. No model is loaded."""
+    from shrink import scales
+    from shrink.quant import weightonly as W
+
+    cfg = scales.get("weight-only", scale)
+    read = []
+    monkeypatch.setattr(W.WeightOnlyContext, "dense", lambda self: read.append({"kind": "dense"}) or {"ppl": 1.0})
+    monkeypatch.setattr(W.WeightOnlyContext, "measure", lambda self, method, bits, grid, seed=0: read.append(
+        {"kind": "measure", "method": method, "bits": bits, "grid": grid, "seed": seed}) or {"ppl": 1.0})
+    monkeypatch.setattr(W.WeightOnlyContext, "export_round_trip", lambda self, bits, grid, seed=0: read.append(
+        {"kind": "export", "bits": bits, "grid": grid, "seed": seed}) or {})
+    ctx = W.WeightOnlyContext(cfg, scale)
+    ctx.dense()
+    for b in cfg.bits:  # 02g's table loop, its sanity checks and its export cell
+        for g in cfg.grids:
+            ctx.measure("rtn", b, g)
+            if ctx.has_gptq(g):
+                ctx.gptq_spread(b, g)
+                ctx.measure("gptq", b, g, ctx.seeds_for(b, g)[0])
+    ctx.export_round_trip(*cfg.export_cell)
+    key = lambda c: tuple(sorted(c.items()))  # noqa: E731
+    assert {key(c) for c in sweep.get("weight-only").cells(cfg)} == {key(c) for c in read}
+    out = sweep.sweep("weight-only", scale, only={"kind": "dense"})  # through run_cell, sequential
+    assert out["failed"] == 0 and len(out["cells"]) == 1

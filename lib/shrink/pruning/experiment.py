@@ -155,10 +155,7 @@ def measure(st: Setup, spec: PruneSpec, calib: torch.Tensor, *, extra: torch.Ten
         out["ppl_calib"] = shrink_eval.perplexity(m, calib_tokens, calib.shape[1], dataset=c.calib_corpus,
                                                   split=c.calib_split).ppl
     if c.zero_shot and st.scale == "paper":  # the paper's 7 tasks through lm-eval (needs internet)
-        from .. import env
-
-        out["zero_shot"] = (shrink_eval.zero_shot(m, st.tok) if env.online()
-                            else "not run: offline (SHRINK_ONLINE=1 needed for lm-eval task data)")
+        out["zero_shot"] = shrink_eval.paper_zero_shot(m, st.tok)
     if keep_model:
         out["_model"] = m
     return out

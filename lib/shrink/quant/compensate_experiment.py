@@ -22,7 +22,7 @@ from ..eval import Spread
 from ..lowrank import LOWRANK_METHODS
 from ..models import BlockRunner
 from ..scales import Preset, PresetError
-from .weightonly import LazyModelContext
+from .weightonly import LazyModelContext, zero_shot_fields, zero_shot_key
 from .compensate import compensate_quantized, extra_parameters_of
 from .gptq import WeightQuantSpec, decoder_weight_linears, quantize_model
 from .pbllm import PBSpec, pbllm_model
@@ -50,6 +50,7 @@ class EoRAPreset(Preset):
     ranks: tuple = (8, 32)
     methods: tuple = ("eora", "svd")
     calib_seeds: tuple = (0, 1, 2)
+    zero_shot: bool = False  # paper scale: the lm-eval zero-shot tasks per cell (weightonly.zero_shot_fields)
 
     def check(self) -> None:
         if any(b not in BASES for b in self.bases) or not self.bases:
@@ -110,7 +111,7 @@ class EoRAContext(LazyModelContext):
         """Cached cell ``{"ppl", "extra_params", "extra_bits_per_weight"}`` (``method=None``: the base alone)."""
         conf = {**self.base_config(base, seed), "eval": [self.cfg.eval_corpus, self.cfg.eval_split, self.cfg.seqlen,
                                                         self.cfg.windows],
-                "adapter": None if method is None else [method, rank]}
+                "adapter": None if method is None else [method, rank], **zero_shot_key(self.cfg, self.scale)}
 
         def run():
             m = self.quantized(base, seed)
@@ -118,7 +119,8 @@ class EoRAContext(LazyModelContext):
             if method is not None:
                 extra = compensate_quantized(m, self.model, self.calib(seed), rank=rank, method=method)["extra_params"]
             numel = sum(l.weight.numel() for b in BlockRunner(m).blocks for l in decoder_weight_linears(b).values())
-            return {"ppl": self.ppl(m), "extra_params": extra, "extra_bits_per_weight": 16 * extra / numel}
+            return {"ppl": self.ppl(m), "extra_params": extra, "extra_bits_per_weight": 16 * extra / numel,
+                    **zero_shot_fields(self.cfg, self.scale, m, self.tok)}
 
         return results.cached("eora", conf, run, scale=self.scale, chapter=CHAPTER)
 

@@ -23,7 +23,7 @@ from ..eval import Spread
 from ..scales import Preset, PresetError
 from .flexround import FlexRoundSpec, flexround_model
 from .quantizer import QuantSpec
-from .weightonly import CHAPTER, WeightOnlyContext
+from .weightonly import CHAPTER, WeightOnlyContext, zero_shot_fields, zero_shot_key
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class FlexRoundPreset(Preset):
     lr: float = 1e-2
     schedule: str = "cosine"
     target: str = "GP"
+    zero_shot: bool = False  # paper scale: the lm-eval zero-shot tasks per cell (weightonly.zero_shot_fields)
     eval_at: tuple = (0, 2, 4, 8)
     budget_bits: int = 3
     budget_seed: int = 0
@@ -143,11 +144,12 @@ class FlexRoundContext:
                    "ppl_ood": self.wo._ppl(m, w.ood_corpus, w.ood_split),
                    "err_calib": res["final"]["err_calib"], "err_test": res["final"]["err_test"],
                    "blocks": res["blocks"], "recon": res["recon"], "bits_per_weight": res["bits_per_weight"],
-                   "times": res["times"]}
+                   "times": res["times"], **zero_shot_fields(self.cfg, self.scale, m, self.wo.tok)}
             del m
             return out
 
-        return results.cached("flexround", self.config(bits, seed, steps), run, scale=self.scale, chapter=CHAPTER)
+        return results.cached("flexround", {**self.config(bits, seed, steps), **zero_shot_key(self.cfg, self.scale)},
+                              run, scale=self.scale, chapter=CHAPTER)
 
     def seeds_for(self, bits: int) -> tuple:
         """The calibration seeds FlexRound is measured on at ``bits`` (``seeded_bits``)."""

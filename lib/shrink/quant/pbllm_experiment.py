@@ -19,7 +19,7 @@ import torch
 from .. import data, eval as ev, results
 from ..eval import Spread
 from ..scales import Preset, PresetError
-from .weightonly import LazyModelContext
+from .weightonly import LazyModelContext, zero_shot_fields, zero_shot_key
 from .pbllm import PBSpec, pbllm_model
 
 CHAPTER = "02-bits"
@@ -46,6 +46,7 @@ class PBLLMPreset(Preset):
     direct_fracs: tuple = (0.05, 0.1, 0.2)
     calib_seeds: tuple = (0, 1, 2)
     high_bits: int = 8
+    zero_shot: bool = False  # paper scale: the lm-eval zero-shot tasks per cell (weightonly.zero_shot_fields)
 
     def check(self) -> None:
         allf = (*self.fracs, *self.magnitude_fracs, *self.direct_fracs)
@@ -102,11 +103,12 @@ class PBLLMContext(LazyModelContext):
             m = copy.deepcopy(self.model)
             res = pbllm_model(m, self.calib(seed) if spec.needs_calibration else None, spec, verbose=False)
             out = {"ppl": self.ppl(m), "err_calib": res["final"]["err_calib"] if res["final"] else None,
-                   "bits": res["bits"], "times": res["times"]}
+                   "bits": res["bits"], "times": res["times"], **zero_shot_fields(self.cfg, self.scale, m, self.tok)}
             del m
             return out
 
-        return results.cached("pbllm", self.config(spec, seed), run, scale=self.scale, chapter=CHAPTER)
+        return results.cached("pbllm", {**self.config(spec, seed), **zero_shot_key(self.cfg, self.scale)}, run,
+                              scale=self.scale, chapter=CHAPTER)
 
     def spread(self, frac: float, metric: str, gptq: bool = True, key: str = "ppl") -> Spread:
         """``key`` over the calibration draws of a cell (one value when it uses no data or is not seeded)."""

@@ -180,7 +180,7 @@ def _weight_only_presets() -> None:
         # 2-bit on one (a GPTQ cell took 8-24 min of one thread on the loaded shared machine; ~2-3 min idle)
         "cpu": WeightOnlyPreset(model="smollm2-135m", bits=(8, 4, 3, 2), grids=("channel", "g64", "g32"),
                                 seeded_cells=((3, "channel"),), gptq_grids=("channel",)),
-        "paper": WeightOnlyPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, ood_corpus="c4",
+        "paper": WeightOnlyPreset(zero_shot=True, model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, ood_corpus="c4",
                                   ood_split="validation", calib_corpus="c4", calib_split="train", calib_nsamples=128,
                                   calib_seqlen=2048, bits=(4, 3), grids=("channel", "g128"),
                                   seeded_cells=((3, "channel"), (4, "channel"), (3, "g128"))),
@@ -208,7 +208,7 @@ def _rsq_presets() -> None:
                          seeded_strategies=("uniform", "attncon"), seeded_rotations=("none",), cross_seeds=(0,)),
         # paper: RSQ scripts/run_rsq.sh (3-bit, rotation, 256 x 4096 calibration tokens, 3 seeds; min 0.005 max 1),
         # here on WikiText-2 with LLaMA-3-8B (LLaMA-2-7B: paper_preset-style .with_(model=...))
-        "paper": RSQPreset(model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, ood_corpus="c4",
+        "paper": RSQPreset(zero_shot=True, model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, ood_corpus="c4",
                            ood_split="validation", calib_corpus="wikitext2", calib_split="train", calib_nsamples=256,
                            calib_seqlen=4096, bits=(3, 4), grids=("channel", "g128"),
                            seeded_cells=((3, "channel"),), rsq_grid="channel", cross_seeds=(0, 1, 2)),
@@ -234,7 +234,7 @@ def _flexround_presets() -> None:
         "cpu": FlexRoundPreset(model="smollm2-135m", eval_at=(0, 8), budgets=(0, 2, 8)),
         # the official Llama-2-7B W3A16 script: 512 C4 samples (1024 tokens: run_clm.py's default block size),
         # batch 2, 5 000 Adam steps per block at lr 2.5e-3 (3e-3 at W4), cosine to 0
-        "paper": FlexRoundPreset(model="meta-llama/Llama-2-7b-hf", calib_corpus="c4", calib_split="train",
+        "paper": FlexRoundPreset(zero_shot=True, model="meta-llama/Llama-2-7b-hf", calib_corpus="c4", calib_split="train",
                                  calib_nsamples=512, calib_seqlen=1024, heldout_nsamples=16, heldout_seqlen=1024,
                                  steps=5000, batch_size=2, lr=2.5e-3, eval_at=(0, 500, 1000, 2500, 5000),
                                  budgets=(0, 500, 5000)),
@@ -257,7 +257,7 @@ def _pbllm_presets() -> None:
         "cpu": PBLLMPreset(model="smollm2-135m"),
         # paper: the official run_all.sh (LLaMA-7B, C4 calibration, 128 x 2048 tokens, --low_frac 0.5-0.95 i.e.
         # salient 0.05-0.5, --high_bit 8, Hessian criterion), on LLaMA-2-7B here (LLaMA-3-8B: .with_(model=...))
-        "paper": PBLLMPreset(model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, calib_corpus="c4",
+        "paper": PBLLMPreset(zero_shot=True, model="meta-llama/Llama-2-7b-hf", seqlen=2048, windows=None, calib_corpus="c4",
                              calib_split="train", calib_nsamples=128, calib_seqlen=2048,
                              fracs=(0.05, 0.1, 0.2, 0.5), magnitude_fracs=(0.1, 0.2), direct_fracs=(0.1,)),
     })
@@ -278,7 +278,7 @@ def _eora_presets() -> None:
         "cpu": EoRAPreset(model="smollm2-135m", ranks=(32,)),
         # paper: the official EoRA/README.md LLaMA-3-8B 3-bit GPTQ run (--eigen_r 128, --eigen_nsamples 64; rank 64 in
         # its kernel benchmark); calibration on C4 here (the README calibrates on the task, MathQA)
-        "paper": EoRAPreset(model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, calib_corpus="c4",
+        "paper": EoRAPreset(zero_shot=True, model="meta-llama/Meta-Llama-3-8B", seqlen=2048, windows=None, calib_corpus="c4",
                             calib_split="train", calib_nsamples=64, calib_seqlen=2048, ranks=(64, 128)),
     })
 

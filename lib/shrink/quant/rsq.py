@@ -59,7 +59,7 @@ from ..models import BlockRunner, KVPrefix, _Captured
 from ..scales import PresetError
 from .gptq import WeightQuantSpec, quantize_model
 from .quantizer import QuantError
-from .weightonly import CHAPTER, WeightOnlyContext, WeightOnlyPreset, grid_spec
+from .weightonly import CHAPTER, WeightOnlyContext, WeightOnlyPreset, grid_spec, zero_shot_fields, zero_shot_key
 
 STRATEGIES = ("uniform", "attncon", "firstn", "dropsink")
 ROTATIONS = ("none", "hadamard", "random")
@@ -460,7 +460,7 @@ class RSQContext(WeightOnlyContext):
         it; the prefix never enters the Hessian."""
         c = self.cfg
         spec = WeightQuantSpec(method="gptq", grid=grid_spec(c.rsq_grid, c.rsq_bits), act_order=c.act_order)
-        conf = self.rsq_config(strategy, rotation, seed, prefix)
+        conf = {**self.rsq_config(strategy, rotation, seed, prefix), **zero_shot_key(c, self.scale)}
 
         def run():
             m = copy.deepcopy(self.model)
@@ -477,6 +477,8 @@ class RSQContext(WeightOnlyContext):
                    "ppl_ood": self._ppl_p(m, c.ood_corpus, c.ood_split, kv) if c.with_ood else None,
                    "err_calib": res["final"]["err_calib"], "first_share": [r["first_share"] for r in rec],
                    "times": res["times"]}
+            if not prefix:  # lm-eval's requests carry no key/value prefix here
+                out.update(zero_shot_fields(c, self.scale, m, self.tok))
             del m
             return out
 

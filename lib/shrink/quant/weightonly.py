@@ -51,6 +51,8 @@ class WeightOnlyPreset(Preset):
     act_order: bool = False
     #: (bits, grid) of the GPTQ cell exported with its own grids and reloaded (None: no export cell)
     export_cell: tuple | None = (3, "channel")
+    #: paper scale: also the seven lm-eval zero-shot tasks per cell (:func:`zero_shot_fields`)
+    zero_shot: bool = False
 
     def check(self) -> None:
         for g in self.grids:
@@ -76,6 +78,18 @@ def grid_spec(name: str, bits: int) -> QuantSpec:
     if name.startswith("g") and name[1:].isdigit() and int(name[1:]) > 0:
         return QuantSpec(bits=bits, symmetric=False, granularity="group", group_size=int(name[1:]))
     raise PresetError(f"unknown weight grid {name!r}: use 'channel' or 'g<N>' (e.g. 'g32', 'g128')")
+
+
+def zero_shot_key(cfg, scale: str) -> dict:
+    """The cache-key entry of :func:`zero_shot_fields` (empty unless the preset asks for zero-shot at paper scale,
+    so the keys of every other record are unchanged)."""
+    return {"zero_shot": ev.zero_shot_key()} if getattr(cfg, "zero_shot", False) and scale == "paper" else {}
+
+
+def zero_shot_fields(cfg, scale: str, model, tok) -> dict:
+    """``{"zero_shot": lm-eval accuracies or the reason they were not run}`` for a paper-scale cell whose preset sets
+    ``zero_shot`` (the papers' zero-shot tables: GPTQ Table 4-style, RSQ, PB-LLM, FlexRound, EoRA); else ``{}``."""
+    return {"zero_shot": ev.paper_zero_shot(model, tok)} if zero_shot_key(cfg, scale) else {}
 
 
 class LazyModelContext:
@@ -143,7 +157,7 @@ class WeightOnlyContext(LazyModelContext):
         """Cached cell: ``{"ppl", "ppl_ood", "err_calib", "bits_per_weight", "times"}`` (``err_calib``: App. A
         error of the last block on the calibration windows; None for RTN)."""
         spec = WeightQuantSpec(method=method, grid=grid_spec(grid, bits), act_order=self.cfg.act_order)
-        conf = self.config(method, bits, grid, seed)
+        conf = {**self.config(method, bits, grid, seed), **zero_shot_key(self.cfg, self.scale)}
 
         def run():
             m = copy.deepcopy(self.model)
@@ -151,7 +165,8 @@ class WeightOnlyContext(LazyModelContext):
             out = {"ppl": self._ppl(m, self.cfg.eval_corpus, self.cfg.eval_split),
                    "ppl_ood": self._ppl(m, self.cfg.ood_corpus, self.cfg.ood_split),
                    "err_calib": res["final"]["err_calib"] if res["final"] else None,
-                   "bits_per_weight": res["bits_per_weight"], "times": res["times"]}
+                   "bits_per_weight": res["bits_per_weight"], "times": res["times"],
+                   **zero_shot_fields(self.cfg, self.scale, m, self.tok)}
             del m
             return out
 
@@ -210,10 +225,41 @@ class WeightOnlyContext(LazyModelContext):
                       seeds=seeds)
 
 
+def sweep_cells(cfg: WeightOnlyPreset) -> list[dict]:
+    """Every cached measurement notebook 02g reads, as keyword dicts for :func:`sweep_cell` (``shrink sweep
+    weight-only``): the dense control, RTN on every bits x grid, GPTQ on ``gptq_grids`` x the cell's calibration
+    draws (``seeded_cells``), and the export round trip."""
+    ctx = WeightOnlyContext(cfg, "tiny")  # only for has_gptq / seeds_for (nothing is loaded)
+    cells = [{"kind": "dense"}]
+    for b in cfg.bits:
+        for g in cfg.grids:
+            cells.append({"kind": "measure", "method": "rtn", "bits": b, "grid": g, "seed": 0})
+            if ctx.has_gptq(g):
+                cells += [{"kind": "measure", "method": "gptq", "bits": b, "grid": g, "seed": s}
+                          for s in ctx.seeds_for(b, g)]
+    if cfg.export_cell is not None:
+        b, g = cfg.export_cell
+        cells.append({"kind": "export", "bits": b, "grid": g, "seed": 0})
+    return cells
+
+
+def sweep_cell(cfg: WeightOnlyPreset, *, scale: str, kind: str, method: str | None = None, bits: int | None = None,
+               grid: str | None = None, seed: int = 0) -> dict:
+    """One cell of :func:`sweep_cells` through the notebook's own cached functions (same records, same keys)."""
+    ctx = WeightOnlyContext(cfg, scale)
+    if kind == "dense":
+        return ctx.dense()
+    if kind == "measure":
+        return ctx.measure(method, bits, grid, seed)
+    if kind == "export":
+        return ctx.export_round_trip(bits, grid, seed)
+    raise PresetError(f"unknown weight-only sweep cell kind {kind!r}: dense | measure | export")
+
+
 def _decoder_linear_modules(model):
     from .fakequant import decoder_linears
 
     return list(decoder_linears(model).values())
 
 
-__all__ = ["WeightOnlyPreset", "WeightOnlyContext", "grid_spec", "CHAPTER"]
+__all__ = ["WeightOnlyPreset", "WeightOnlyContext", "grid_spec", "zero_shot_fields", "zero_shot_key", "CHAPTER"]
