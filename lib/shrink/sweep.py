@@ -54,6 +54,12 @@ def _dsir_kl_cells(cfg) -> list[dict]:
     return [{"with_wiki": w, "seed": s} for w in (False, True) for s in cfg.seeds]
 
 
+def _pruning_cells(cfg) -> list[dict]:
+    from .pruning.experiment import sweep_cells
+
+    return sweep_cells(cfg)
+
+
 def _weight_only_cells(cfg) -> list[dict]:
     from .quant.weightonly import sweep_cells
 
@@ -67,6 +73,12 @@ SWEEPS: dict[str, Sweep] = {
                      resources={"tiny": {"num_cpus": 1, "memory": 1 * 2**30},
                                 "cpu": {"num_cpus": 1, "memory": 2 * 2**30},
                                 "paper": {"num_cpus": 8, "memory": 64 * 2**30}}),
+    "pruning-reconstruction": Sweep(
+        chapter="01-weights", preset="pruning-reconstruction", run="shrink.pruning.experiment:sweep_cell",
+        cells=_pruning_cells, notebook="notebooks/01-weights/01b-reconstruction.md",
+        # one BR/GP run: the model, the dense and pruned streams of the calibration set: ~3 GB at cpu
+        resources={"tiny": {"num_cpus": 1, "memory": 1 * 2**30}, "cpu": {"num_cpus": 1, "memory": 4 * 2**30},
+                   "paper": {"num_cpus": 8, "num_gpus": 1, "memory": 64 * 2**30}}),
     "weight-only": Sweep(chapter="02-bits", preset="weight-only", run="shrink.quant.weightonly:sweep_cell",
                          cells=_weight_only_cells, notebook="notebooks/02-bits/02g-weight-only-gptq.md",
                          # SmolLM2 fp32 copy + GPTQ statistics: ~2 GB at cpu; a 7B model in fp16 on one GPU at paper

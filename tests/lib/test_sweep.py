@@ -118,3 +118,30 @@ def test_weight_only_sweep_cells_are_exactly_what_02g_reads(scale, monkeypatch):
     assert {key(c) for c in sweep.get("weight-only").cells(cfg)} == {key(c) for c in read}
     out = sweep.sweep("weight-only", scale, only={"kind": "dense"})  # through run_cell, sequential
     assert out["failed"] == 0 and len(out["cells"]) == 1
+
+
+@pytest.mark.parametrize("scale", ["tiny", "cpu", "paper"])
+def test_pruning_sweep_cells_are_exactly_what_01b_reads(scale, monkeypatch):
+    """The ``pruning-reconstruction`` sweep's cells equal 01b's main grid (its two comprehensions replayed against
+    logging stand-ins of the cached functions; the kernel-set replicas run in their own processes, not here)."""
+    from shrink import scales
+    from shrink.pruning import experiment as E
+
+    cfg = scales.get("pruning-reconstruction", scale)
+    read = []
+    monkeypatch.setattr(E, "dense_reference", lambda st: read.append({"kind": "dense"}) or {})
+    monkeypatch.setattr(E, "cached_measure", lambda st, name, spec, seed, **kw: read.append(
+        {"kind": "measure", "pruner": spec.pruner, "scheme": spec.scheme, "seed": seed}) or {})
+    monkeypatch.setattr(E, "setup", lambda cfg, scale: None)
+    st = E.setup(cfg, scale)
+    E.dense_reference(st)
+    for sd in cfg.seeds:  # 01b: runs = {...}, then cr = {...}
+        for p in cfg.pruners:
+            for s in cfg.schemes:
+                E.cached_measure(st, "measure", E.spec_for(cfg, p, s, seed=sd), sd)
+    for p in cfg.cr_pruners:
+        E.cached_measure(st, "measure", E.spec_for(cfg, p, "BR+GP+CR", seed=cfg.seeds[0]), cfg.seeds[0])
+    key = lambda c: tuple(sorted(c.items()))  # noqa: E731
+    assert [key(c) for c in sweep.get("pruning-reconstruction").cells(cfg)] == [key(c) for c in read]
+    out = sweep.sweep("pruning-reconstruction", scale, only={"kind": "measure", "seed": str(cfg.seeds[0])})
+    assert out["failed"] == 0 and len(out["cells"]) == len(cfg.pruners) * len(cfg.schemes) + len(cfg.cr_pruners)

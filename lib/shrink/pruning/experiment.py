@@ -352,6 +352,29 @@ def cached_compensated(st: Setup, pruner: str, seed: int, *, rank: int = 0, bias
     return results.cached("compensated", config, fn, scale=st.scale, chapter=CHAPTER)
 
 
+def sweep_cells(cfg: PruningPreset) -> list[dict]:
+    """The grid notebook 01b reads, as keyword dicts for :func:`sweep_cell` (``shrink sweep pruning-reconstruction``):
+    the dense reference, pruners x schemes x seeds, and BR+GP+CR for ``cr_pruners`` at the first seed. The
+    kernel-set replicas are not in it: each runs in a process started under its own kernel environment
+    (:func:`replica`)."""
+    cells = [{"kind": "dense"}]
+    cells += [{"kind": "measure", "pruner": p, "scheme": s, "seed": sd}
+              for sd in cfg.seeds for p in cfg.pruners for s in cfg.schemes]
+    cells += [{"kind": "measure", "pruner": p, "scheme": "BR+GP+CR", "seed": cfg.seeds[0]} for p in cfg.cr_pruners]
+    return cells
+
+
+def sweep_cell(cfg: PruningPreset, *, scale: str, kind: str, pruner: str | None = None, scheme: str | None = None,
+               seed: int = 0) -> dict:
+    """One cell of :func:`sweep_cells` through 01b's own cached functions (same records, same keys)."""
+    st = setup(cfg, scale)
+    if kind == "dense":
+        return dense_reference(st)
+    if kind == "measure":
+        return cached_measure(st, "measure", spec_for(cfg, pruner, scheme, seed=seed), seed)
+    raise ValueError(f"unknown pruning sweep cell kind {kind!r}: dense | measure")
+
+
 def _main(argv=None) -> None:
     """``python -m shrink.pruning.experiment``: compute one replica record in this process (started by
     :func:`replica` with the kernel set's environment; by hand, set that environment yourself)."""
