@@ -273,12 +273,12 @@ register("recovery", {
     # evaluation on one idle core, estimated from the 130 tokens/s of full fine-tuning); 5 selectors x 3 seeds,
     # the ablation (3 variants) and the full pool (63 steps) on seed 0: ~45 min on one idle core for 04c, 04d
     # adds kmq-iter x 3 seeds (~8 min); on the shared machine (8-15 % of a core) several hours.
-    # TRIMMED to the records the shared machine finished (session of 2026-12-01, load 4-10 on 2 cores: scoring
-    # the pool took 2603 s, a recovery run 360-890 s): random, PASER and kMQ on 3 seeds; IFD, k-center, the
-    # iterative kMQ, the full pool and PASER's ablation were not run at cpu (method_seeds () = not run; the
-    # notebooks say so). Remove an entry and run the notebooks at cpu to compute the missing records.
+    # TRIMMED to the records the shared machine finished (session of 2026-12-01, load 4-10 on 2 cores:
+    # scoring the pool took 2603 s, a recovery run 270-890 s): random, PASER and kMQ on 3 seeds, k-center on
+    # seed 0; IFD, the iterative kMQ, the full pool and PASER's ablation were not run at cpu (method_seeds
+    # () = not run; the notebooks say so). Remove an entry and run the notebooks at cpu to compute them.
     "cpu": RecoveryPreset(model="smollm2-135m", method_seeds=(
-        ("ifd", ()), ("k-center", ()), ("kmq-iter", ()), ("full", ()),
+        ("ifd", ()), ("k-center", (0,)), ("kmq-iter", ()), ("full", ()),
         ("paser-no-s2c", ()), ("paser-no-cdars", ()), ("paser-no-ntem", ()))),
     # PASER: LLaMA-2-7B, Alpaca-cleaned, budget 20 %, LoRA r=8 on every linear, lr 3e-4 (1e-4 for Alpaca in the
     # official comment), batch 128, 3 epochs, cutoff 256; WikiText-2 at 2048 tokens (all windows)
