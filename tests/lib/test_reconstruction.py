@@ -95,3 +95,33 @@ def test_bad_input_names_the_problem():
         fit_unit(lin, lin.parameters(), X, Y[:3], FitConfig(steps=1))
     with pytest.raises(ReconstructionError, match="no parameters"):
         fit_unit(lin, [], X, Y, FitConfig(steps=1))
+
+
+def test_fused_adamw_is_the_default_and_the_for_loop_stays_available():
+    """fused=True (default) and fused=False run the same AdamW update: equal to the last bits, not bitwise;
+    fused=False is torch's for-loop AdamW (the implementation of the older records), step for step."""
+    lin, X, Y = _problem(2)
+    a, b, c = copy.deepcopy(lin), copy.deepcopy(lin), copy.deepcopy(lin)
+    cfg = FitConfig(steps=6, batch_size=3, lr=1e-2)
+    assert cfg.fused is True
+    ra = fit_unit(a, list(a.parameters()), X, Y, cfg)
+    rb = fit_unit(b, list(b.parameters()), X, Y, FitConfig(**{**cfg.__dict__, "fused": False}))
+    assert ra["optimizer"] == "adamw-fused" and rb["optimizer"] == "adamw-for-loop"
+    assert torch.allclose(a.weight, b.weight, rtol=0, atol=1e-6) and ra["losses"] == pytest.approx(rb["losses"], rel=1e-5)
+    # the for-loop path, replayed by hand with torch's default AdamW and the same batches and schedule
+    opt = torch.optim.AdamW(c.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / 6))
+    gen, step = torch.Generator().manual_seed(0), 0
+    while step < 6:
+        perm = torch.randperm(X.shape[0], generator=gen)
+        for s in range(0, X.shape[0], 3):
+            if step == 6:
+                break
+            idx = perm[s:s + 3]
+            loss = ((c(X[idx]) - Y[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+    assert torch.equal(b.weight, c.weight) and torch.equal(b.bias, c.bias)
