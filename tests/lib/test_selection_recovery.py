@@ -177,6 +177,10 @@ def test_budget_and_preset_errors():
         cfg.with_(method_seeds=(("kmq-iter", (7,)),))   # not a subset of seeds
     with pytest.raises(PresetError, match="method_seeds"):
         cfg.with_(method_seeds=(("kmq-iter", 0),))
+    with pytest.raises(PresetError, match="pattern_methods.*pasr"):
+        cfg.with_(pattern_methods=("random", "pasr"))
+    with pytest.raises(PresetError, match="prune_patterns"):
+        cfg.with_(prune_patterns=("unstructured", "3:4"))
 
 
 def test_seeds_per_method():

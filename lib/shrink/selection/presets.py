@@ -198,7 +198,8 @@ class RecoveryPreset(Preset):
     ``batch_size``), and the evaluation (``eval_windows x eval_seqlen`` WikiText-2 test tokens,
     ``nll_per_source`` held-out responses per source, GSM8K exact match on ``em_n`` held-out problems with
     ``em_new_tokens`` greedy tokens). ``full_seeds``: seeds of the full-pool run (it costs 1/budget times a
-    selected run); ``ablation_seeds``: seeds of PASER's component ablation (report-only)."""
+    selected run); ``ablation_seeds``: seeds of PASER's component ablation (report-only); ``pattern_methods``:
+    the selectors run on every pruning pattern after the first of ``prune_patterns`` (04c's 2:4 section)."""
 
     sources: tuple = ("lima", "gsm8k", "gpteacher-roleplay", "gpteacher-toolformer", "selfinstruct-seed")
     per_source: int | None = 50
@@ -234,6 +235,7 @@ class RecoveryPreset(Preset):
     full_seeds: tuple = (0,)
     ablation_seeds: tuple = (0,)
     method_seeds: tuple = ()
+    pattern_methods: tuple = ("random", "paser")
 
     def seeds_for(self, method: str) -> tuple:
         """The seeds a method is run on: its ``method_seeds`` entry ``(method, seeds)`` if any (``()``: not run
@@ -262,24 +264,26 @@ class RecoveryPreset(Preset):
                               "(the evaluation draws from the held-out split)")
         if any(p not in ("unstructured", "2:4") for p in self.prune_patterns):
             raise PresetError(f"RecoveryPreset.prune_patterns={self.prune_patterns}: use 'unstructured' and/or '2:4'")
+        from .recovery import METHODS
+
+        bad = [m for m in self.pattern_methods if m not in METHODS]
+        if bad:
+            raise PresetError(f"RecoveryPreset.pattern_methods {bad}: use methods of {list(METHODS)}, e.g. "
+                              "('random', 'paser')")
 
 
 register("recovery", {
     "tiny": RecoveryPreset(model="tiny-llama", per_source=12, heldout=3, heldout_gsm8k=4, budget=0.25,
                            batch_size=2, calib_nsamples=4, calib_seqlen=64, max_prompt=32, max_response=24,
                            eval_seqlen=64, eval_windows=2, nll_per_source=3, em_n=4, em_new_tokens=8,
-                           encoder="tiny-bert", n_clusters=3, kmq_ks=(2, 3), iter_rounds=2, warmup=1),
+                           encoder="tiny-bert", n_clusters=3, kmq_ks=(2, 3), iter_rounds=2, warmup=1,
+                           prune_patterns=("unstructured", "2:4")),
     # 250 pool examples, budget 50 = 13 LoRA steps of 4 x <=160 tokens per run (~1 min of training + ~35 s of
     # evaluation on one idle core, estimated from the 130 tokens/s of full fine-tuning); 5 selectors x 3 seeds,
-    # the ablation (3 variants) and the full pool (63 steps) on seed 0: ~45 min on one idle core for 04c, 04d
-    # adds kmq-iter x 3 seeds (~8 min); on the shared machine (8-15 % of a core) several hours.
-    # TRIMMED to the records the shared machine finished (session of 2026-12-01, load 4-10 on 2 cores:
-    # scoring the pool took 2603 s, a recovery run 270-890 s): random, PASER and kMQ on 3 seeds, k-center on
-    # seed 0; IFD, the iterative kMQ, the full pool and PASER's ablation were not run at cpu (method_seeds
-    # () = not run; the notebooks say so). Remove an entry and run the notebooks at cpu to compute them.
-    "cpu": RecoveryPreset(model="smollm2-135m", method_seeds=(
-        ("ifd", ()), ("k-center", (0,)), ("kmq-iter", ()), ("full", ()),
-        ("paser-no-s2c", ()), ("paser-no-cdars", ()), ("paser-no-ntem", ()))),
+    # the ablation (3 variants) and the full pool (63 steps) on seed 0, the iterative kMQ on 3 seeds, and the 2:4
+    # model (its own pool scores) with random and PASER on 3 seeds. Measured on the shared 2-core machine at load
+    # 3-5 (fifth session of 2026-12-01): a selected run 470-530 s of wall time, the full pool 1652 s.
+    "cpu": RecoveryPreset(model="smollm2-135m", prune_patterns=("unstructured", "2:4")),
     # PASER: LLaMA-2-7B, Alpaca-cleaned, budget 20 %, LoRA r=8 on every linear, lr 3e-4 (1e-4 for Alpaca in the
     # official comment), batch 128, 3 epochs, cutoff 256; WikiText-2 at 2048 tokens (all windows)
     "paper": RecoveryPreset(model="meta-llama/Llama-2-7b-hf", sources=("hf:yahma/alpaca-cleaned",), per_source=None,
