@@ -102,9 +102,9 @@ register("data-calibration", {
     # self-generated sets of 8 x 256 are reused, nothing is generated here). Cost: chapter I's records say
     # Wanda LR ~20 s and SparseGPT LR ~55 s of pruning per cell (one thread), plus ~15 s of perplexity; Wanda
     # x 3 draws = 9 new cells ~ 5 min on an idle core. Measured here under an 8-helper load: ~400 s of wall
-    # time per Wanda cell, so SparseGPT's cells (~2.5x Wanda's) did not fit and are not part of the cpu
-    # preset (add ("sparsegpt", (0, 1, 2)) to calib_draws on a free machine: ~12 more minutes idle)
-    "cpu": CalibPreset(model="smollm2-135m", calib_draws=(("wanda", (0, 1, 2)),)),
+    # time per Wanda cell, so SparseGPT's cells (~2.5x Wanda's) did not fit and were not part of the cpu
+    # preset then; they were computed in the fifth session of 2026-12-01 on a quieter machine (load 1-3)
+    "cpu": CalibPreset(model="smollm2-135m", calib_draws=(("wanda", (0, 1, 2)), ("sparsegpt", (0, 1, 2)))),
     # the paper's calibration budget (128 x 1024 C4-sized sets) on the weights chapter's paper model; not run here
     "paper": CalibPreset(model="facebook/opt-125m", calib_nsamples=128, calib_seqlen=1024),
 })
