@@ -62,11 +62,11 @@ class FitConfig:
         seed: batch-order generator seed.
         eval_at: steps after which the calibration and held-out MSE are measured (0 = before training).
         fused: AdamW's fused kernel (``torch.optim.AdamW(fused=True)``: one pass per tensor on CPU and CUDA)
-            instead of torch's default for-loop implementation. Same update rule, other rounding: on a
-            SmolLM2-135M block (BR, 8 steps of 2 x 256 tokens) the weights end within 6e-8 of the for-loop's and
-            the losses agree to every printed digit, while the whole reconstruction runs 1.21x faster
-            (``benchmarks/bench_reconstruct.py``). Records made before this default (fifth session of
-            2026-12-01) used the for-loop; ``fused=False`` reproduces them bit for bit.
+            instead of torch's default for-loop implementation. Same update rule, other rounding; the speed-up
+            and the weight difference on a SmolLM2-135M block, against the seed-to-seed band, are measured by
+            ``benchmarks/bench_reconstruct.py`` (record ``results/bench/reconstruct.json``). Records made
+            before this default (fifth session of 2026-12-01) used the for-loop; ``fused=False`` reproduces
+            them bit for bit.
     """
 
     steps: int

@@ -282,7 +282,8 @@ register("recovery", {
     # evaluation on one idle core, estimated from the 130 tokens/s of full fine-tuning); 5 selectors x 3 seeds,
     # the ablation (3 variants) and the full pool (63 steps) on seed 0, the iterative kMQ on 3 seeds, and the 2:4
     # model (its own pool scores) with random and PASER on 3 seeds. Measured on the shared 2-core machine at load
-    # 3-5 (fifth session of 2026-12-01): a selected run 470-530 s of wall time, the full pool 1652 s.
+    # 1-5 (fifth session of 2026-12-01): a selected run 192-691 s of wall time, the full pool 1652 s, scoring the
+    # 2:4 pool 1733 s (04c's time table reads the records).
     "cpu": RecoveryPreset(model="smollm2-135m", prune_patterns=("unstructured", "2:4")),
     # PASER: LLaMA-2-7B, Alpaca-cleaned, budget 20 %, LoRA r=8 on every linear, lr 3e-4 (1e-4 for Alpaca in the
     # official comment), batch 128, 3 epochs, cutoff 256; WikiText-2 at 2048 tokens (all windows)
