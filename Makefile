@@ -148,6 +148,7 @@ test-slow: $(STAMP) check-data
 # Speed against the anchors, as ratios measured in one process (not part of make test); records in results/bench/.
 bench: $(STAMP) check-data
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	@echo "== ratios of the committed records (benchmarks/summary.py)"; $(PY) benchmarks/summary.py
 
 # Zero new records: execute the committed notebooks at cpu, in a fresh clone of HEAD, with
 # SHRINK_RESULTS_MODE=load (a missing record is an error, nothing is computed) and an empty temporary

@@ -618,6 +618,25 @@ def records(scale: str, chapter: str | None = None) -> list[dict]:
     return [load(p) for p in sorted(base.rglob("*.json"))] if base.exists() else []
 
 
+def load_bench(name: str) -> dict | None:
+    """The committed benchmark record ``results/bench/<name>.json`` of this checkout (written by
+    ``benchmarks/bench_<name>.py``; not under ``SHRINK_RESULTS``: benchmarks are not keyed by scale), or None when it
+    has not been made. A file that does not parse raises :class:`CacheCorruptError` naming it and the fix."""
+    repo = env.repo_root()
+    path = (repo if repo is not None else Path(".")) / "results" / "bench" / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheCorruptError(f"benchmark record {path} is corrupt ({exc}). Rerun benchmarks/bench_{name}.py "
+                                "(or `git checkout` the file).") from exc
+    if not isinstance(rec, dict):
+        raise CacheCorruptError(f"benchmark record {path} is a JSON {type(rec).__name__}, not an object. Rerun "
+                                f"benchmarks/bench_{name}.py (or `git checkout` the file).")
+    return rec
+
+
 # --------------------------------------------------------------------------------------------------------------
 # make check-records: the committed records suffice to re-render the notebooks
 # --------------------------------------------------------------------------------------------------------------

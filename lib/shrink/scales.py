@@ -25,7 +25,8 @@ from .errors import ShrinkError, UnknownNameError
 SCALES = ("tiny", "cpu", "paper")
 #: modules that register chapter presets (imported by :func:`get` when present)
 PRESET_MODULES = ("shrink.pruning.presets", "shrink.quant.presets", "shrink.tokens.presets",
-                  "shrink.selection.presets", "shrink.selection.dedup", "shrink.selection.speed")
+                  "shrink.selection.presets", "shrink.selection.dedup", "shrink.selection.speed",
+                  "shrink.quant.int8_speed")
 
 _REGISTRY: dict[str, dict[str, "Preset"]] = {}
 _POSITIVE_SUFFIXES = ("seqlen", "nsamples", "windows", "batch_size", "epochs", "steps", "group_size")

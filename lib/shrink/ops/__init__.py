@@ -8,6 +8,7 @@ op                                  what                                        
 =================================== =========================================================== ==========
 quantize_per_tensor_static_int8     K1: ``int8 = clamp(round(x / s), -128, 127)``               bits
 fake_quant_per_tensor               static affine fake quant on a ``bits``-bit grid              bits
+  (``fake_quant_affine``)           the same on an explicit ``[qmin, qmax]`` grid                bits
 fake_quant_per_token                dynamic per-token (sym/asym) fake quant                      bits
 int8_matmul_dequant                 K2: W8A8 GEMM, int32 accumulation, dequant epilogue          bits
 gather_tokens                       K3: ``out[b, k] = h[b, keep_idx[b, k]]``                     tokens
@@ -51,6 +52,7 @@ from .reference import MAX_INT8_K, OpInputError, signed_range, unsigned_range
 __all__ = [
     "quantize_per_tensor_static_int8",
     "fake_quant_per_tensor",
+    "fake_quant_affine",
     "fake_quant_per_token",
     "quantize_per_token",
     "int8_matmul_dequant",
@@ -186,15 +188,30 @@ def fake_quant_per_tensor(x: torch.Tensor, scale, zero_point: int = 0, bits: int
     :func:`shrink.ops.reference.fake_quant_per_tensor` (Jacob et al. 2018 Eq. (1); PrefixQuant static).
     """
     reference._check_float(x, "x")
+    bits = reference._check_bits(bits)
+    qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
+    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not qmin <= zero_point <= qmax:
+        raise OpInputError(f"zero_point must be an int in [{qmin}, {qmax}] for bits={bits}, signed={signed}; "
+                           f"got {zero_point!r}")
+    return fake_quant_affine(x, scale, zero_point, qmin, qmax)
+
+
+def fake_quant_affine(x: torch.Tensor, scale, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """The same op on an explicit integer grid ``[qmin, qmax]`` (e.g. the bits chapter's narrow symmetric
+    ``[-127, 127]``): what the bits chapter's static per-tensor activation quantizer dispatches to.
+
+    See :func:`shrink.ops.reference.fake_quant_affine`. Backend name: ``"fake_quant_per_tensor"``.
+    """
+    reference._check_float(x, "x")
     if _take("fake_quant_per_tensor", x.device) == "cuda":
-        bits = reference._check_bits(bits)
-        qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
-        if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not qmin <= zero_point <= qmax:
-            raise OpInputError(f"zero_point must be an int in [{qmin}, {qmax}], got {zero_point!r}")
+        if not (isinstance(qmin, int) and isinstance(qmax, int) and isinstance(zero_point, int)
+                and not isinstance(zero_point, bool) and qmin <= zero_point <= qmax and qmax - qmin <= 2**16):
+            raise OpInputError(f"need integers qmin <= zero_point <= qmax (at most 17 bits wide), got "
+                               f"qmin={qmin!r}, zero_point={zero_point!r}, qmax={qmax!r}")
         reference._check_finite(x, "x")
         s = float(reference._scale_f32(scale))
         return _library.op("fake_quant_per_tensor")(x, s, zero_point, qmin, qmax)
-    return reference.fake_quant_per_tensor(x, scale, zero_point, bits, signed)
+    return reference.fake_quant_affine(x, scale, zero_point, qmin, qmax)
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = True) -> torch.Tensor:

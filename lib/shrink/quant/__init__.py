@@ -12,7 +12,8 @@
 Introduced in: notebooks/02-bits/02a-quantizer-primer.md
 """
 
-from .quantizer import QuantError, QuantSpec, WeightGrid, fake_quant, qparams, quant_error, range_of  # noqa: F401
+from .quantizer import (QuantError, QuantSpec, WeightGrid, fake_quant, fake_quant_kernel, qparams,  # noqa: F401
+                        quant_error, range_of)
 from .fakequant import (QuantLinear, calibrate, decoder_linears, largest_static_range, quant_linears,  # noqa: F401
                         perturb_ranges, quantized, set_ranges, static_ranges, unwrap_model, wrap_model)
 from .smoothquant import act_scales, smooth_model  # noqa: F401

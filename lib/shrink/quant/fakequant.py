@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import KVPrefix, decoder_blocks
-from .quantizer import QuantError, QuantSpec, fake_quant, qparams, range_of
+from .quantizer import QuantError, QuantSpec, fake_quant, fake_quant_kernel, qparams, range_of
 
 
 class QuantLinear(nn.Module):
@@ -112,12 +112,12 @@ class QuantLinear(nn.Module):
                 raise QuantError(f"{self.name}: static activation quantizer is not calibrated; call "
                                  "shrink.quant.calibrate(model, calibration_ids) first")
             s, z = qparams(self.lo, self.hi, spec)
-            return fake_quant(x, spec, s, z)
+            return fake_quant_kernel(x, spec, s, z)
         if self.range_jitter is not None:  # dynamic range, scaled by the perturbation factors
             lo, hi = range_of(x, spec)
             s, z = qparams(lo * self.range_jitter[0], hi * self.range_jitter[1], spec)
             return fake_quant(x, spec, s, z)
-        return fake_quant(x, spec)
+        return fake_quant_kernel(x, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:

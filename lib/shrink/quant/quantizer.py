@@ -188,6 +188,41 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = No
     return out.to(x.dtype)
 
 
+def fake_quant_kernel(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                      zero: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`fake_quant` of an activation through the ``shrink.ops`` kernels wherever an op computes exactly
+    its arithmetic, else :func:`fake_quant` itself; same shape, dtype and values bit for bit either way.
+
+    * dynamic per-token (``granularity="token"``, no ``scale``): ``shrink.ops.fake_quant_per_token``. The op
+      gives an all-zero row step 1 where :func:`qparams` floors the step at ``1e-8 / qmax``; both give zeros
+      for that row, so the op is taken unless some row's range is in ``(0, 1e-8)`` (or not finite, which
+      :func:`fake_quant` reports): those inputs take :func:`fake_quant`.
+    * static per-tensor (``granularity="tensor"`` with a calibrated one-element ``scale``/``zero``):
+      ``shrink.ops.fake_quant_affine`` on the spec's own grid ``[qmin, qmax]`` (narrow symmetric INT8 is
+      ``[-127, 127]``); a non-finite input takes :func:`fake_quant`, which lets NaN through as before.
+    * anything else (per-column static, groups, per-tensor dynamic): :func:`fake_quant`.
+
+    On a CPU the ops run their reference (the same float32 operations as :func:`fake_quant`); on a CUDA device
+    with the compiled kernels loaded, K1 (``kernels/csrc``). ``shrink.ops.last_backend(op)`` says which ran.
+    """
+    from .. import ops
+
+    if scale is None and spec.granularity == "token" and x.is_floating_point() and x.dim() and x.shape[-1]:
+        xf = x.float()
+        if spec.symmetric:
+            r = xf.abs().amax(dim=-1)
+        else:
+            lo, hi = xf.aminmax(dim=-1)
+            r = hi.clamp(min=0) - lo.clamp(max=0)
+        if bool(((r >= EPS) | (r == 0)).all()):  # False for NaN/inf ranges too
+            return ops.fake_quant_per_token(x, spec.bits, spec.symmetric)
+    elif (scale is not None and spec.granularity == "tensor" and x.is_floating_point()
+          and torch.as_tensor(scale).numel() == 1 and zero is not None and torch.as_tensor(zero).numel() == 1
+          and bool(torch.isfinite(x).all())):
+        return ops.fake_quant_affine(x, scale, int(torch.as_tensor(zero).item()), spec.qmin, spec.qmax)
+    return fake_quant(x, spec, scale, zero)
+
+
 @dataclass(frozen=True, eq=False)
 class WeightGrid:
     """The grid one quantized weight matrix lies on: ``W_hat = (q - zero) * scale`` with integer codes ``q`` in
