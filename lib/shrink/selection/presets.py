@@ -277,7 +277,7 @@ register("recovery", {
                            batch_size=2, calib_nsamples=4, calib_seqlen=64, max_prompt=32, max_response=24,
                            eval_seqlen=64, eval_windows=2, nll_per_source=3, em_n=4, em_new_tokens=8,
                            encoder="tiny-bert", n_clusters=3, kmq_ks=(2, 3), iter_rounds=2, warmup=1,
-                           prune_patterns=("unstructured", "2:4")),
+                           prune_patterns=("unstructured", "2:4"), seeds=(0, 1)),  # 2 seeds: spreads exist, CI time
     # 250 pool examples, budget 50 = 13 LoRA steps of 4 x <=160 tokens per run (~1 min of training + ~35 s of
     # evaluation on one idle core, estimated from the 130 tokens/s of full fine-tuning); 5 selectors x 3 seeds,
     # the ablation (3 variants) and the full pool (63 steps) on seed 0, the iterative kMQ on 3 seeds, and the 2:4
