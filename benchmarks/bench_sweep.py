@@ -11,7 +11,7 @@ temporary folder per run, so every cell computes), one torch thread per process 
 The Ray instance is started once, and every worker process is started and has imported the cell's module before
 any timing (start-up is reported, not counted). The configurations are interleaved ``--repeats`` times; the
 median wall time is reported with the speed-up over ``sequential``, and the records of every run are compared
-with the first sequential run's (every field but ``created`` and ``seconds``): a sweep that parallelises by
+with the first sequential run's (every field but the timings: ``created``, ``seconds``, ``times``, ``*seconds``): a sweep that parallelises by
 computing something else would show here. Writes ``results/bench/sweep.json``; timings never go into asserts.
 """
 
@@ -26,13 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-VOLATILE = ("created", "seconds")
+#: when and how long, at any depth (01b's records time their stages: ``times``, ``prune_seconds``, ...)
+VOLATILE = ("created", "seconds", "times")
+
+
+def _strip(v):
+    if isinstance(v, dict):
+        return {k: _strip(x) for k, x in v.items() if k not in VOLATILE and not k.endswith("seconds")}
+    if isinstance(v, list):
+        return [_strip(x) for x in v]
+    return v
 
 
 def records(root: Path) -> dict:
-    """``{file name: record without its volatile fields}`` of every JSON record under ``root``."""
-    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
-            for p in sorted(root.rglob("*.json"))}
+    """``{file name: record without its timing fields}`` of every JSON record under ``root``."""
+    return {p.name: _strip(json.loads(p.read_text())) for p in sorted(root.rglob("*.json"))}
 
 
 def _warm(module: str) -> int:

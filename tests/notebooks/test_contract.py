@@ -96,3 +96,29 @@ def test_source_has_sanity_cells(nb):
 
     cells = jupytext.read(nb)["cells"]
     assert sanity_cells(cells), f"{nb.name}: no code cell under '## Sanity checks' (or tagged 'sanity')"
+
+
+TABLE_CALLS = ("report.table", "report.paper_vs_ours")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_table_is_shown(nb):
+    """A ``report.table`` / ``report.paper_vs_ours`` whose value is discarded is shown only as the last top-level
+    statement of its cell (IPython displays that one); anywhere else it silently renders nothing. Such a call must
+    end its cell or be wrapped in ``display(...)``."""
+    import ast
+
+    import jupytext
+
+    hidden = []
+    for k, cell in enumerate(jupytext.read(nb)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        body = ast.parse(cell["source"]).body
+        for i, st in enumerate(body):
+            for sub in ast.walk(st):
+                if (isinstance(sub, ast.Expr) and isinstance(sub.value, ast.Call)
+                        and ast.unparse(sub.value.func) in TABLE_CALLS and not (sub is st and i == len(body) - 1)):
+                    hidden.append(f"code cell {k}, line {sub.lineno}: {ast.unparse(sub.value.func)}(...)")
+    assert not hidden, f"{nb.name}: tables that are never displayed (end the cell with them or wrap them in " \
+                       f"display(...)): {hidden}"
