@@ -28,7 +28,7 @@ def _row(what, ratio, target=None, better="higher", note=""):
     else:
         met = "met" if (ratio >= target if better == "higher" else ratio <= target) else "not met"
     tgt = "" if target is None else (f">= {target:g}" if better == "higher" else f"<= {target:g}")
-    return {"benchmark": what, "ratio": "—" if ratio is None else f"{ratio:.2f}", "target": tgt, "status": met,
+    return {"benchmark": what, "ratio": "—" if ratio is None else f"{ratio:.3f}", "target": tgt, "status": met,
             "note": note}
 
 
