@@ -17,11 +17,15 @@ def smollm2():
     return model, tok, time.perf_counter() - t0
 
 
-def test_wikitext2_perplexity_first_8_windows_of_2048(smollm2, data_dir):
+def test_wikitext2_perplexity_first_2_windows_of_2048(smollm2, data_dir):
+    """The embedded model's perplexity on the first 2 WikiText-2 test windows of 2048 tokens: 18.837 measured on the
+    project machine (torch 2.13.0+cpu, 2026-12-02). The tour's committed cpu record has the 8-window value, 19.13;
+    2 windows catch a wrong conversion just as well, in a quarter of the time (CI budget)."""
     model, tok, _ = smollm2
-    res = eval.perplexity(model, data.eval_tokens(tok), 2048, max_windows=8, progress=False)
+    res = eval.perplexity(model, data.eval_tokens(tok), 2048, max_windows=2, progress=False)
     assert data.eval_tokens(tok).numel() == 304_986  # as in the data manifest
-    assert abs(res.ppl - 19.13) <= 0.05, res.ppl
+    assert res.n_windows == 2 and res.n_tokens == 2 * 2047
+    assert abs(res.ppl - 18.837) <= 0.05, res.ppl
 
 
 def test_cached_model_equals_gguf_load(smollm2):
