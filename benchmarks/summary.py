@@ -15,9 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(name: str) -> dict | None:
-    p = ROOT / "results" / "bench" / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+from shrink.results import load_bench as _bench  # noqa: E402
 
 
 def _row(what, ratio, target=None, better="higher", note=""):

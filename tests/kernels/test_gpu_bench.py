@@ -2,8 +2,6 @@
 comparison runs, checks what it compares, and says that 2:4 semi-structured is CUDA-only instead of timing
 something else. The GPU rows themselves need a GPU (no record yet)."""
 
-import torch
-
 from shrink.ops import gpu_bench
 
 
@@ -17,10 +15,3 @@ def test_smoke_run_on_cpu():
     assert ss and all(r["status"] == "unsupported" and "cuda" in r["error"].lower() for r in ss)
     assert all(r["equal"] for r in rec["gather"])
 
-
-def test_2to4_mask_of_the_harness_is_2to4():
-    w = torch.randn(8, 16)
-    from shrink.ops import nm_prune_mask
-
-    m = nm_prune_mask(w, None, 2, 4)
-    assert (m.reshape(8, 4, 4).sum(-1) == 2).all()

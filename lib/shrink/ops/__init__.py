@@ -188,11 +188,7 @@ def fake_quant_per_tensor(x: torch.Tensor, scale, zero_point: int = 0, bits: int
     :func:`shrink.ops.reference.fake_quant_per_tensor` (Jacob et al. 2018 Eq. (1); PrefixQuant static).
     """
     reference._check_float(x, "x")
-    bits = reference._check_bits(bits)
-    qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
-    if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not qmin <= zero_point <= qmax:
-        raise OpInputError(f"zero_point must be an int in [{qmin}, {qmax}] for bits={bits}, signed={signed}; "
-                           f"got {zero_point!r}")
+    qmin, qmax = reference.per_tensor_grid(bits, signed, zero_point)
     return fake_quant_affine(x, scale, zero_point, qmin, qmax)
 
 
@@ -204,10 +200,7 @@ def fake_quant_affine(x: torch.Tensor, scale, zero_point: int, qmin: int, qmax: 
     """
     reference._check_float(x, "x")
     if _take("fake_quant_per_tensor", x.device) == "cuda":
-        if not (isinstance(qmin, int) and isinstance(qmax, int) and isinstance(zero_point, int)
-                and not isinstance(zero_point, bool) and qmin <= zero_point <= qmax and qmax - qmin <= 2**16):
-            raise OpInputError(f"need integers qmin <= zero_point <= qmax (at most 17 bits wide), got "
-                               f"qmin={qmin!r}, zero_point={zero_point!r}, qmax={qmax!r}")
+        reference.check_affine_grid(zero_point, qmin, qmax)
         reference._check_finite(x, "x")
         s = float(reference._scale_f32(scale))
         return _library.op("fake_quant_per_tensor")(x, s, zero_point, qmin, qmax)

@@ -143,12 +143,26 @@ def fake_quant_per_tensor(x: torch.Tensor, scale, zero_point: int = 0, bits: int
     Returns:
         tensor of ``x``'s shape and dtype whose float32 values lie on the grid ``scale * (k - zero_point)``.
     """
+    qmin, qmax = per_tensor_grid(bits, signed, zero_point)
+    return fake_quant_affine(x, scale, zero_point, qmin, qmax)
+
+
+def per_tensor_grid(bits, signed: bool, zero_point) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a ``bits``-bit signed/unsigned grid, after checking ``bits`` and ``zero_point``."""
     bits = _check_bits(bits)
     qmin, qmax = signed_range(bits) if signed else unsigned_range(bits)
     if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not qmin <= zero_point <= qmax:
         raise OpInputError(f"zero_point must be an int in [{qmin}, {qmax}] for bits={bits}, signed={signed}; "
                            f"got {zero_point!r}")
-    return fake_quant_affine(x, scale, zero_point, qmin, qmax)
+    return qmin, qmax
+
+
+def check_affine_grid(zero_point, qmin, qmax) -> None:
+    """Integers ``qmin <= zero_point <= qmax``, at most 17 bits wide (the explicit grid of the affine op)."""
+    if not (isinstance(qmin, int) and isinstance(qmax, int) and isinstance(zero_point, int)
+            and not isinstance(zero_point, bool) and qmin <= zero_point <= qmax and qmax - qmin <= 2**16):
+        raise OpInputError(f"need integers qmin <= zero_point <= qmax (at most 17 bits wide), got "
+                           f"qmin={qmin!r}, zero_point={zero_point!r}, qmax={qmax!r}")
 
 
 def fake_quant_affine(x: torch.Tensor, scale, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
@@ -159,10 +173,7 @@ def fake_quant_affine(x: torch.Tensor, scale, zero_point: int, qmin: int, qmax: 
     """
     _check_float(x, "x")
     _check_finite(x, "x")
-    if not (isinstance(qmin, int) and isinstance(qmax, int) and isinstance(zero_point, int)
-            and qmin <= zero_point <= qmax and qmax - qmin <= 2**16):
-        raise OpInputError(f"need integers qmin <= zero_point <= qmax (at most 17 bits wide), got "
-                           f"qmin={qmin!r}, zero_point={zero_point!r}, qmax={qmax!r}")
+    check_affine_grid(zero_point, qmin, qmax)
     s = _scale_f32(scale).to(x.device)
     q = (torch.round(x.to(torch.float32) / s) + zero_point).clamp_(qmin, qmax)
     return ((q - zero_point) * s).to(x.dtype)
